@@ -1,0 +1,175 @@
+"""Attention over a paged KV cache: per-step metadata and the reference torch backend.
+
+The cache of one layer is a pair of tensors (K, V), each (num_blocks * block_size, n_kv, hd): a flat
+array of token slots, where slot = block_id * block_size + offset. A sequence's block table lists its
+blocks in order, so token position p lives in slot table[p // block_size] * block_size + p % block_size.
+
+A step packs many sequences: sequence i brings query_lens[i] new tokens and, after the step, has
+context_lens[i] tokens in the cache. Decode rows (one new token) are batched into one padded
+attention call; prefill chunks are attended one sequence at a time, where the loop costs nothing
+next to the work. Everything that does not depend on the layer is built once per step, here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (K, V), each (num_slots, n_kv, hd)
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
+    return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+
+def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int,
+                      dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
+    cache = torch.zeros(config.num_layers, 2, num_blocks * block_size, config.num_kv_heads,
+                        config.head_dim, dtype=dtype, device=device)
+    return [(cache[layer, 0], cache[layer, 1]) for layer in range(config.num_layers)]
+
+
+@dataclass
+class DecodeRows:
+    """Every one-token sequence of the step, attended in one padded call."""
+    token_index: torch.Tensor  # (Bd,) rows of the packed batch
+    kv_slots: torch.Tensor  # (Bd, max_ctx) cache slots of each row's context, padded
+    key_mask: torch.Tensor  # (Bd, 1, 1, max_ctx) True where the key may be attended
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens, attended on its own."""
+    token_start: int
+    num_tokens: int
+    kv_slots: torch.Tensor | None  # (ctx,) cache slots of the whole context; None when uncached
+    mask: torch.Tensor | None  # (q, ctx) True where allowed; None for a plain causal square
+
+
+@dataclass
+class AttentionMetadata:
+    query_lens: list[int]
+    context_lens: list[int]
+    positions: torch.Tensor  # (T,) position of every new token
+    logits_index: torch.Tensor  # (B,) row of each sequence's last new token
+    slot_mapping: torch.Tensor | None = None  # (T,) where each new token's K/V go
+    decode: DecodeRows | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int],
+              block_tables: list[list[int]] | None, block_size: int = 16,
+              sliding_window: int | None = None, device: torch.device | str = "cpu") -> AttentionMetadata:
+        """Metadata for one step. block_tables=None builds an uncached step (whole sequences)."""
+        if len(query_lens) != len(context_lens) or not query_lens:
+            raise ValueError("query_lens and context_lens must be non-empty and of equal length")
+        if any(q <= 0 or c < q for q, c in zip(query_lens, context_lens)):
+            raise ValueError(f"bad lengths: query_lens={query_lens} context_lens={context_lens}")
+        starts = [c - q for q, c in zip(query_lens, context_lens)]
+        positions = torch.cat([torch.arange(s, c) for s, c in zip(starts, context_lens)]).to(device)
+        ends = torch.tensor(query_lens).cumsum(0)
+        meta = cls(query_lens, context_lens, positions, (ends - 1).to(device))
+        if block_tables is None:
+            if starts != [0] * len(starts):
+                raise ValueError("an uncached step needs whole sequences (context_lens == query_lens)")
+            meta.prefills = _prefill_chunks(query_lens, context_lens, None, block_size, sliding_window, device)
+            return meta
+        tables = _pad_tables(block_tables, device)
+        meta.slot_mapping = _slots(tables, positions, torch.repeat_interleave(
+            torch.arange(len(query_lens), device=device), torch.tensor(query_lens, device=device)), block_size)
+        decode_rows = [i for i, q in enumerate(query_lens) if q == 1]
+        if decode_rows:
+            meta.decode = _decode_rows(decode_rows, ends, context_lens, tables, block_size, sliding_window, device)
+        meta.prefills = _prefill_chunks(query_lens, context_lens, tables, block_size, sliding_window, device)
+        return meta
+
+
+def _pad_tables(block_tables: list[list[int]], device) -> torch.Tensor:
+    width = max(1, max(len(t) for t in block_tables))
+    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+
+
+def _slots(tables: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
+    return tables[rows, positions // block_size] * block_size + positions % block_size
+
+
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal (and sliding-window) mask: a query sees keys at or before its own position."""
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= (q_pos - k_pos) < window
+    return allowed
+
+
+def _decode_rows(rows, ends, context_lens, tables, block_size, window, device) -> DecodeRows:
+    ctx = torch.tensor([context_lens[i] for i in rows], device=device)
+    k_pos = torch.arange(int(ctx.max()), device=device)[None, :]  # (1, max_ctx)
+    row_index = torch.tensor(rows, device=device)[:, None]
+    kv_slots = _slots(tables, k_pos.clamp(max=tables.shape[1] * block_size - 1), row_index, block_size)
+    mask = _allowed((ctx - 1)[:, None], k_pos, window) & (k_pos < ctx[:, None])
+    return DecodeRows((ends[rows] - 1).to(device), kv_slots, mask[:, None, None, :])
+
+
+def _prefill_chunks(query_lens, context_lens, tables, block_size, window, device) -> list[PrefillChunk]:
+    chunks, start = [], 0
+    for row, (q, ctx) in enumerate(zip(query_lens, context_lens)):
+        if q > 1 or tables is None:
+            k_pos = torch.arange(ctx, device=device)
+            slots = None if tables is None else _slots(tables, k_pos, torch.tensor(row), block_size)
+            mask = None
+            if window is not None or ctx != q:
+                mask = _allowed(k_pos[ctx - q:, None], k_pos[None, :], window)
+            chunks.append(PrefillChunk(start, q, slots, mask))
+        start += q
+    return chunks
+
+
+def _attend_chunk(q, k, v, mask, scale) -> torch.Tensor:
+    # q: (q_len, nh, hd), k/v: (ctx, n_kv, hd) -> (q_len, nh, hd)
+    q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                         scale=scale, enable_gqa=q.shape[0] != k.shape[0])
+    return out.transpose(0, 1)
+
+
+def uncached_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Each sequence attends only to its own new tokens: the no-cache reference."""
+    out = torch.empty_like(q)
+    for chunk in meta.prefills:
+        rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+        out[rows] = _attend_chunk(q[rows], k[rows], v[rows], chunk.mask, scale)
+    return out
+
+
+def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Write the step's K/V into the cache, then attend every new token to its cached context."""
+    k_cache, v_cache = kv_cache
+    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    out = torch.empty_like(q)
+    if meta.decode is not None:
+        out.index_copy_(0, meta.decode.token_index, _attend_decode(q, k_cache, v_cache, meta.decode, scale))
+    for chunk in meta.prefills:
+        rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+        out[rows] = _attend_chunk(q[rows], k_cache[chunk.kv_slots].to(q.dtype),
+                                  v_cache[chunk.kv_slots].to(q.dtype), chunk.mask, scale)
+    return out
+
+
+def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float) -> torch.Tensor:
+    n_kv, hd = k_cache.shape[1], k_cache.shape[2]
+    bd = rows.token_index.shape[0]
+    # Group each KV head's query heads as the "query length" so GQA needs no K/V expansion.
+    q_rows = q.index_select(0, rows.token_index).view(bd, n_kv, -1, hd)  # (Bd, n_kv, g, hd)
+    k = k_cache[rows.kv_slots].to(q.dtype).transpose(1, 2)  # (Bd, n_kv, max_ctx, hd)
+    v = v_cache[rows.kv_slots].to(q.dtype).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=rows.key_mask, scale=scale)
+    return out.reshape(bd, -1, hd)  # (Bd, nh, hd)

@@ -1,0 +1,133 @@
+"""ModelConfig: every architectural knob of the decoder-only Transformer, and named presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormPlacement = Literal["pre", "post"]
+PositionalEncoding = Literal["learned", "sinusoidal", "rope"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    head_dim: int = 0  # 0 means hidden_size // num_heads
+    activation: Activation = "swiglu"
+    norm: Norm = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_placement: NormPlacement = "pre"
+    positional_encoding: PositionalEncoding = "rope"
+    rope_theta: float = 10000.0
+    max_position: int = 2048
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                    "ffn_hidden_size", "head_dim", "max_position")
+        for field in positive:
+            if getattr(self, field) <= 0:
+                raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.positional_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be positive, got {self.sliding_window}")
+        choices = {"activation": Activation, "norm": Norm, "norm_placement": NormPlacement,
+                   "positional_encoding": PositionalEncoding}
+        for field, kind in choices.items():
+            if getattr(self, field) not in kind.__args__:
+                raise ValueError(f"ModelConfig.{field} must be one of {kind.__args__}, "
+                                 f"got {getattr(self, field)!r}")
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        qkv = self.hidden_size * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        out = self.num_heads * self.head_dim * self.hidden_size
+        ffn_in = (2 if self.activation == "swiglu" else 1) * self.hidden_size * self.ffn_hidden_size
+        ffn_out = self.ffn_hidden_size * self.hidden_size
+        per_layer = qkv + out + ffn_in + ffn_out
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        if self.positional_encoding == "learned":
+            embed += self.max_position * self.hidden_size
+        return self.num_layers * per_layer + embed
+
+
+def _gpt2(name: str, hidden: int, layers: int, heads: int) -> ModelConfig:
+    return ModelConfig(
+        name=name, vocab_size=50257, hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=heads, ffn_hidden_size=4 * hidden, activation="gelu_tanh", norm="layernorm",
+        positional_encoding="learned", max_position=1024, attention_bias=True, mlp_bias=True,
+        tie_embeddings=True)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "gpt2": _gpt2("gpt2", 768, 12, 12),
+    "gpt2-medium": _gpt2("gpt2-medium", 1024, 24, 16),
+    "gpt2-large": _gpt2("gpt2-large", 1280, 36, 20),
+    "gpt2-xl": _gpt2("gpt2-xl", 1600, 48, 25),
+    # Llama 3.2 1B's shape: the 1B-parameter GQA model the GPU benchmarks use.
+    "llama-1b": ModelConfig(
+        name="llama-1b", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+        num_kv_heads=8, ffn_hidden_size=8192, rope_theta=500000.0, max_position=8192),
+    "llama-7b": ModelConfig(
+        name="llama-7b", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+        num_kv_heads=32, ffn_hidden_size=11008, max_position=4096, tie_embeddings=False),
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+        num_kv_heads=3, ffn_hidden_size=1536, rope_theta=100000.0, max_position=8192),
+    # "Attention Is All You Need" (2017), base model, as a decoder only.
+    "transformer-2017": ModelConfig(
+        name="transformer-2017", vocab_size=37000, hidden_size=512, num_layers=6, num_heads=8,
+        num_kv_heads=8, ffn_hidden_size=2048, activation="relu", norm="layernorm",
+        norm_placement="post", positional_encoding="sinusoidal", max_position=4096,
+        attention_bias=True, mlp_bias=True),
+    # Mistral 7B's shape: GQA with a sliding attention window.
+    "mistral-7b": ModelConfig(
+        name="mistral-7b", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+        num_kv_heads=8, ffn_hidden_size=14336, max_position=32768, sliding_window=4096,
+        tie_embeddings=False),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A preset by name, optionally with fields changed (e.g. a tiny copy for tests)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def tiny(name: str, **overrides) -> ModelConfig:
+    """A few-layer, narrow copy of a preset that keeps its architecture: for tests and CPU checks."""
+    base = preset(name)
+    heads, kv_heads = 4, (4 if base.num_kv_heads == base.num_heads else 2)
+    small = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=heads, num_kv_heads=kv_heads,
+                 head_dim=16, ffn_hidden_size=128, max_position=512, name=f"tiny-{name}")
+    if base.sliding_window is not None:
+        small["sliding_window"] = 8
+    small.update(overrides)
+    return base.replace(**small)

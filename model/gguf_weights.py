@@ -1,0 +1,124 @@
+"""Read a GGUF file: its ModelConfig, its tensors dequantized to fp32 in the canonical layout, metadata."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import ModelConfig
+from model.weights import LoadError
+
+try:
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+except ImportError:  # pragma: no cover - gguf is a runtime dependency
+    gguf = None
+
+SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+
+_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+_LAYER_NAMES = {  # llama.cpp tensor name -> canonical suffix
+    "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "attn.q", "attn_k": "attn.k",
+    "attn_v": "attn.v", "attn_output": "attn.o", "ffn_gate": "ffn.gate", "ffn_up": "ffn.up",
+    "ffn_down": "ffn.down",
+}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "position_embd": "embed_positions",
+                 "output_norm": "final_norm", "output": "lm_head"}
+
+
+def open_gguf(path: Path):
+    if gguf is None:
+        raise LoadError("the 'gguf' package is needed to read GGUF files")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise LoadError(f"{path}: not a GGUF file (bad magic bytes)")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:
+        raise LoadError(f"{path}: unreadable GGUF file: {exc}") from exc
+
+
+def metadata(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader, path: Path) -> ModelConfig:
+    arch = metadata(reader, "general.architecture")
+    if arch not in ("llama", "gpt2"):
+        raise LoadError(f"{path}: unsupported architecture {arch!r} (supported: llama, gpt2)")
+
+    def need(key: str):
+        value = metadata(reader, f"{arch}.{key}")
+        if value is None:
+            raise LoadError(f"{path}: missing metadata {arch}.{key}")
+        return value
+
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = metadata(reader, f"{arch}.vocab_size") or len(metadata(reader, "tokenizer.ggml.tokens", []))
+    heads = int(need("attention.head_count"))
+    common = dict(
+        vocab_size=int(vocab), hidden_size=int(need("embedding_length")), num_layers=int(need("block_count")),
+        num_heads=heads, ffn_hidden_size=int(need("feed_forward_length")),
+        max_position=int(need("context_length")), tie_embeddings="output.weight" not in tensor_names,
+        name=str(metadata(reader, "general.name", path.stem)))
+    if arch == "gpt2":
+        return ModelConfig(**common, num_kv_heads=heads, activation="gelu_tanh", norm="layernorm",
+                           norm_eps=float(need("attention.layer_norm_epsilon")),
+                           positional_encoding="learned", attention_bias=True, mlp_bias=True)
+    head_dim = int(metadata(reader, "llama.attention.key_length", 0) or 0)
+    return ModelConfig(**common, num_kv_heads=int(metadata(reader, "llama.attention.head_count_kv", heads)),
+                       head_dim=head_dim, norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+                       rope_theta=float(metadata(reader, "llama.rope.freq_base", 10000.0)),
+                       sliding_window=metadata(reader, "llama.attention.sliding_window"))
+
+
+def _dequantize(tensor, path: Path) -> torch.Tensor:
+    kind = Q(tensor.tensor_type).name
+    if kind not in SUPPORTED_TYPES:
+        raise LoadError(f"{path}: tensor {tensor.name!r} has unsupported type {kind} "
+                        f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+    data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    return torch.from_numpy(data.reshape(shape).copy())
+
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of Q/K rows (interleaved rotary pairs -> half-split layout)."""
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def canonical_name(name: str, path: Path) -> str:
+    base, _, kind = name.rpartition(".")
+    match = _LAYER.match(base)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{kind}"
+    if match and match.group(2) == "attn_qkv":
+        return f"layers.{match.group(1)}.attn.qkv.{kind}"
+    if base in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[base]}.{kind}"
+    raise LoadError(f"{path}: unexpected tensor {name!r}")
+
+
+def gguf_weights(reader, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        name = canonical_name(tensor.name, path)
+        w = _dequantize(tensor, path)
+        if name.endswith(("attn.q.weight", "attn.q.bias")) and config.positional_encoding == "rope":
+            w = unpermute_rope(w, config.num_heads)
+        elif name.endswith(("attn.k.weight", "attn.k.bias")) and config.positional_encoding == "rope":
+            w = unpermute_rope(w, config.num_kv_heads)
+        if ".attn.qkv." in name:  # GPT-2 stores Q, K and V in one tensor
+            q_rows = config.num_heads * config.head_dim
+            kv_rows = config.num_kv_heads * config.head_dim
+            for part, piece in zip("qkv", w.split([q_rows, kv_rows, kv_rows])):
+                weights[name.replace(".qkv.", f".{part}.")] = piece.contiguous()
+            continue
+        weights[name] = w
+    return weights

@@ -1,0 +1,98 @@
+"""Read a Hugging Face model folder (config.json + *.safetensors): ModelConfig and canonical tensors."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.weights import LoadError
+
+LLAMA_TYPES = {"llama", "mistral", "qwen2"}
+# Buffers some checkpoints carry that are recomputed, never loaded.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
+
+_LLAMA_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
+                "self_attn.o_proj": "attn.o", "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up",
+                "mlp.down_proj": "ffn.down"}
+_GPT2_LAYER = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn.qkv",
+               "attn.c_proj": "attn.o", "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down"}
+_GLOBALS = {"model.embed_tokens": "embed_tokens", "model.norm": "final_norm", "lm_head": "lm_head",
+            "wte": "embed_tokens", "wpe": "embed_positions", "ln_f": "final_norm"}
+
+
+def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{path}: cannot read config: {exc}") from exc
+    kind = raw.get("model_type")
+    try:
+        if kind == "gpt2":
+            return ModelConfig(
+                vocab_size=raw["vocab_size"], hidden_size=raw["n_embd"], num_layers=raw["n_layer"],
+                num_heads=raw["n_head"], num_kv_heads=raw["n_head"],
+                ffn_hidden_size=raw.get("n_inner") or 4 * raw["n_embd"], activation="gelu_tanh",
+                norm="layernorm", norm_eps=raw.get("layer_norm_epsilon", 1e-5),
+                positional_encoding="learned", max_position=raw["n_positions"], attention_bias=True,
+                mlp_bias=True, tie_embeddings=raw.get("tie_word_embeddings", True), name=folder.name), raw
+        if kind in LLAMA_TYPES:
+            heads = raw["num_attention_heads"]
+            return ModelConfig(
+                vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+                num_layers=raw["num_hidden_layers"], num_heads=heads,
+                num_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=raw.get("head_dim") or 0,
+                ffn_hidden_size=raw["intermediate_size"], norm_eps=raw.get("rms_norm_eps", 1e-6),
+                rope_theta=raw.get("rope_theta", 10000.0), max_position=raw["max_position_embeddings"],
+                sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
+                attention_bias=raw.get("attention_bias", kind == "qwen2"),
+                mlp_bias=raw.get("mlp_bias", False),
+                tie_embeddings=raw.get("tie_word_embeddings", False), name=folder.name), raw
+    except KeyError as exc:
+        raise LoadError(f"{path}: missing field {exc.args[0]!r}") from exc
+    raise LoadError(f"{path}: unsupported model_type {kind!r} (supported: gpt2, {', '.join(sorted(LLAMA_TYPES))})")
+
+
+def canonical_name(name: str, source: str) -> str | None:
+    """Our canonical name for a checkpoint tensor, or None for a buffer that is never loaded."""
+    name = name.removeprefix("transformer.")
+    base, _, kind = name.rpartition(".")
+    if _IGNORED.search(name):
+        return None
+    match = re.match(r"^(?:model\.layers|h)\.(\d+)\.(.+)$", base)
+    if match:
+        table = _LLAMA_LAYER if base.startswith("model.") else _GPT2_LAYER
+        if match.group(2) in table:
+            return f"layers.{match.group(1)}.{table[match.group(2)]}.{kind}"
+    elif base in _GLOBALS:
+        return f"{_GLOBALS[base]}.{kind}"
+    raise LoadError(f"{source}: unexpected tensor {name!r}")
+
+
+def hf_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder}: no *.safetensors files")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        for raw_name, tensor in load_file(str(file)).items():
+            name = canonical_name(raw_name, str(file))
+            if name is None:
+                continue
+            tensor = tensor.float()
+            if raw_name.removeprefix("transformer.").startswith("h.") and tensor.dim() == 2:
+                tensor = tensor.t()  # GPT-2's Conv1D layers store (in, out)
+            if ".attn.qkv." in name:
+                for part, piece in zip("qkv", tensor.chunk(3)):
+                    weights[name.replace(".qkv.", f".{part}.")] = piece.contiguous()
+                continue
+            weights[name] = tensor.contiguous()
+    if config.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # some tied checkpoints still store the shared matrix
+    return weights

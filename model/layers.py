@@ -1,0 +1,143 @@
+"""Building blocks of the decoder: norms, positional encodings, attention, feed-forward, block."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttentionMetadata, KVCache, paged_attention, uncached_attention
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like the reference implementations, then cast back.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+def sinusoidal_table(max_position: int, dim: int) -> torch.Tensor:
+    """The 2017 paper's fixed encoding: sin on even channels, cos on odd ones."""
+    position = torch.arange(max_position, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_position, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)[:, : dim // 2]
+    return table.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE in the half-split layout (Hugging Face's rotate_half convention)."""
+
+    def __init__(self, head_dim: int, max_position: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_position, self.theta = head_dim, max_position, theta
+        self.register_buffer("cos", torch.empty(max_position, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_position, head_dim), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        if self.cos.is_meta:
+            return
+        hd = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        angles = torch.arange(self.max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1).to(self.cos.device)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # (T, hd) each, once per forward and shared by every layer
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (T, heads, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Masked multi-head self-attention (MHA, GQA or MQA) with one fused QKV projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        hd = config.head_dim
+        self.q_size = config.num_heads * hd
+        self.kv_size = config.num_kv_heads * hd
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.scale = hd ** -0.5
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        cfg = self.config
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # (T, nh, hd)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # (T, n_kv, hd)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is None:
+            out = uncached_attention(q, k, v, meta, self.scale)
+        else:
+            out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward; SwiGLU keeps gate and up in one fused projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.activation = config.activation
+        n_in = 2 if config.activation == "swiglu" else 1
+        self.up_proj = nn.Linear(config.hidden_size, n_in * config.ffn_hidden_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up_proj(x)
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        elif self.activation == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        else:
+            h = F.relu(h)
+        return self.down_proj(h)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.pre_norm = config.norm_placement == "pre"
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.ffn_norm = make_norm(config)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, rope, meta, kv_cache):
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), rope, meta, kv_cache)
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache))
+        return self.ffn_norm(x + self.ffn(x))

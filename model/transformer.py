@@ -1,0 +1,64 @@
+"""The decoder-only Transformer: packed token ids + attention metadata + KV cache -> logits."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import AttentionMetadata, KVCache
+from model.config import ModelConfig
+from model.layers import DecoderBlock, RotaryEmbedding, make_norm, sinusoidal_table
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = None
+        self.rotary = None
+        if config.positional_encoding == "learned":
+            self.embed_positions = nn.Embedding(config.max_position, config.hidden_size)
+        elif config.positional_encoding == "sinusoidal":
+            self.register_buffer("sinusoid", torch.empty(config.max_position, config.hidden_size),
+                                 persistent=False)
+        else:
+            self.rotary = RotaryEmbedding(config.head_dim, config.max_position, config.rope_theta)
+        self.reset_buffers()
+        self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
+        # Post-norm blocks already end in a norm; pre-norm stacks need a final one.
+        self.final_norm = make_norm(config) if config.norm_placement == "pre" else None
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the fixed position tables, e.g. after building the model on the meta device."""
+        if self.rotary is not None:
+            self.rotary.reset()
+        elif self.embed_positions is None and not self.sinusoid.is_meta:
+            self.sinusoid.copy_(sinusoidal_table(self.config.max_position, self.config.hidden_size))
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache] | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (T,) packed tokens of every sequence; positions come from meta.
+
+        kv_caches=None attends each sequence to its own new tokens only (no cache, the reference).
+        Returns logits (N, vocab) at logits_index, by default each sequence's last new token.
+        """
+        positions = meta.positions
+        if max(meta.context_lens) > self.config.max_position:
+            raise ValueError(f"context of {max(meta.context_lens)} tokens is beyond the model's "
+                             f"max_position {self.config.max_position}")
+        x = self.embed_tokens(input_ids)  # (T, d)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(positions)
+        elif self.rotary is None:
+            x = x + self.sinusoid[positions].to(x.dtype)
+        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, meta, None if kv_caches is None else kv_caches[i])
+        x = x[meta.logits_index if logits_index is None else logits_index]
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.lm_head(x).float()
