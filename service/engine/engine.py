@@ -1,0 +1,241 @@
+"""The step loop: schedule -> run -> update -> emit, on its own thread (or driven by hand, offline).
+
+Only the engine thread touches the scheduler, the block manager and the requests. Other threads talk
+to it through `add_request` and `abort`, which validate, then hand work over through an inbox.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from model.loading import LoadedModel
+from service.engine.block_manager import BlockManager
+from service.engine.config import EngineConfig
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.errors import EngineDead, EngineOverloaded
+from service.engine.request import Request, RequestOutput, SamplingParams, Status
+from service.engine.runner import Runner, plan_cache
+from service.engine.scheduler import ScheduledBatch, Scheduler
+from service.engine.validation import validate_request
+
+log = logging.getLogger("kvserve.engine")
+
+OutputSink = Callable[[RequestOutput], None]
+
+
+@dataclass
+class StepStats:
+    """A summary of one step, for metrics (recorded outside the model's hot path)."""
+    num_tokens: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_sequences: int
+    duration: float
+    num_running: int
+    num_waiting: int
+    num_preempted: int
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        if loaded.tokenizer is None:
+            raise ValueError(f"model {loaded.source} has no tokenizer")
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        cache = plan_cache(loaded, config.block_size, config.kv_cache_memory, config.gpu_memory_utilization)
+        self.runner = Runner(loaded, cache, seed=config.seed)
+        self.blocks = BlockManager(cache.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
+        self.requests: dict[str, Request] = {}
+        self.groups: dict[str, list[Request]] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.sinks: dict[str, OutputSink] = {}
+        self.step_listeners: list[Callable[[StepStats], None]] = []
+        self.finish_listeners: list[Callable[[Request], None]] = []
+        self._inbox: deque = deque()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.dead_reason: str | None = None
+
+    # --- the API other threads use ----------------------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead_reason is None
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting + len(self._inbox)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                    on_output: OutputSink | None = None, priority: int = 0) -> None:
+        """Queue a request (n samples). Raises RequestRejected, EngineOverloaded or EngineDead."""
+        if not self.is_healthy:
+            raise EngineDead(f"engine is not running: {self.dead_reason}")
+        params = validate_request(prompt_ids, params, self.tokenizer.vocab_size, self.max_model_len,
+                                  self.blocks.num_blocks * self.blocks.block_size)
+        if self.num_waiting + params.n > self.config.max_queue:
+            raise EngineOverloaded(f"waiting queue is full ({self.config.max_queue} requests)")
+        samples = [Request(list(prompt_ids), params, request_id=f"{request_id}#{i}", priority=priority,
+                           sample_index=i) for i in range(params.n)]
+        for sibling in samples[1:]:
+            sibling.wait_for = samples[0]
+        self._inbox.append(("add", request_id, samples, on_output))
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.append(("abort", request_id, None, None))
+        self._wakeup.set()
+
+    # --- the thread -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wakeup.clear()
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wakeup.wait(0.5)
+                    continue
+                self.step()
+        except BaseException as exc:  # the loop itself broke: say so, fail everyone, stop
+            self.dead_reason = f"{type(exc).__name__}: {exc}"
+            log.error("engine loop died:\n%s", traceback.format_exc())
+            self._fail_all(f"engine stopped: {self.dead_reason}")
+
+    def _fail_all(self, message: str) -> None:
+        self._drain_inbox()
+        for request in list(self.requests.values()):
+            self._finish(request, "error", error=message)
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, request_id, samples, sink = self._inbox.popleft()
+            if kind == "add":
+                self.groups[request_id] = samples
+                for request in samples:
+                    self.requests[request.request_id] = request
+                    self.detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer, request.params)
+                    self.sinks[request.request_id] = sink
+                    self.scheduler.add(request)
+            else:
+                for request in self.groups.get(request_id, []):
+                    if not request.is_finished:
+                        self._finish(request, "abort")
+
+    # --- one step ---------------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self.requests or self._inbox)
+
+    def step(self) -> None:
+        self._drain_inbox()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        start = time.perf_counter()
+        try:
+            tables = [self.blocks.table(r.request_id) for r in batch.requests]
+            stop_ids = [self._stop_ids(r) for r in batch.requests]
+            rows, result = self.runner.execute(batch.requests, batch.num_new_tokens, tables, stop_ids)
+        except Exception as exc:  # a failed step fails only its own requests
+            log.error("step failed:\n%s", traceback.format_exc())
+            for request in batch.requests:
+                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+            return
+        for request, n in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += n
+        now = time.monotonic()
+        for k, i in enumerate(rows):
+            self._append_token(batch.requests[i], result, k, now)
+        for request in batch.requests:
+            if not request.is_finished:
+                self.blocks.commit(request.request_id, request.all_ids, request.num_computed_tokens)
+        self._report(batch, time.perf_counter() - start)
+
+    def _stop_ids(self, request: Request) -> list[int]:
+        ids = list(request.params.stop_token_ids)
+        if not request.params.ignore_eos and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def _append_token(self, request: Request, result, k: int, now: float) -> None:
+        token = result.token_ids[k]
+        request.output_ids.append(token)
+        request.token_times.append(now)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        params = request.params
+        detok = self.detokenizers[request.request_id]
+        reason = None
+        if token in self._stop_ids(request):  # the sampler never picks one before min_tokens
+            text, reason = "", "stop"
+        else:
+            text = detok.add(token)
+            if detok.stop_matched is not None:
+                reason = "stop"
+            elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+                reason = "length"
+        logprob = result.logprobs[k] if result.logprobs is not None else None
+        top = result.top_logprobs[k] if result.top_logprobs is not None else None
+        out = self._output(request, text, [token], None if logprob is None else [logprob],
+                           None if top is None else [top])
+        if reason is None:
+            self._emit(request, out)
+        else:
+            self._finish(request, reason, pending=out)
+
+    def _output(self, request: Request, text: str, token_ids: list[int], logprobs=None,
+                top_logprobs=None) -> RequestOutput:
+        group_id = request.request_id.rpartition("#")[0]
+        return RequestOutput(group_id, request.sample_index, text, token_ids, logprobs, top_logprobs,
+                             request.num_prompt_tokens, request.num_output_tokens, request.num_cached_tokens)
+
+    def _emit(self, request: Request, out: RequestOutput) -> None:
+        sink = self.sinks.get(request.request_id)
+        if sink is not None:
+            sink(out)
+
+    def _finish(self, request: Request, reason: str, pending: RequestOutput | None = None,
+                error: str | None = None) -> None:
+        detok = self.detokenizers.pop(request.request_id, None)
+        out = pending or self._output(request, "", [])
+        if detok is not None and detok.stop_matched is None:
+            out.new_text += detok.finish()  # release held-back text unless a stop string cut it
+        out.finish_reason, out.error = reason, error
+        request.status, request.finish_reason = Status.FINISHED, reason
+        request.finish_time = time.monotonic()
+        self.scheduler.remove(request)
+        self.runner.release(request.request_id)
+        self.requests.pop(request.request_id, None)
+        group_id = out.request_id
+        if all(r.is_finished for r in self.groups.get(group_id, [])):
+            self.groups.pop(group_id, None)
+        self._emit(request, out)
+        self.sinks.pop(request.request_id, None)
+        for listener in self.finish_listeners:
+            listener(request)
+
+    def _report(self, batch: ScheduledBatch, duration: float) -> None:
+        if not self.step_listeners:
+            return
+        decode = sum(1 for n in batch.num_new_tokens if n == 1)
+        stats = StepStats(batch.total_tokens, batch.total_tokens - decode, decode, len(batch.requests),
+                          duration, self.scheduler.num_running, self.scheduler.num_waiting, batch.num_preempted)
+        for listener in self.step_listeners:
+            listener(stats)
