@@ -94,6 +94,10 @@ class Engine:
         self._inbox.append(("abort", request_id, None, None))
         self._wakeup.set()
 
+    def abort_all(self) -> None:
+        self._inbox.append(("abort_all", None, None, None))
+        self._wakeup.set()
+
     # --- the thread -------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
@@ -135,7 +139,8 @@ class Engine:
                     self.sinks[request.request_id] = sink
                     self.scheduler.add(request)
             else:
-                for request in self.groups.get(request_id, []):
+                ids = list(self.groups) if kind == "abort_all" else [request_id]
+                for request in [r for group_id in ids for r in self.groups.get(group_id, [])]:
                     if not request.is_finished:
                         self._finish(request, "abort")
 
@@ -182,19 +187,20 @@ class Engine:
             request.first_token_time = now
         params = request.params
         detok = self.detokenizers[request.request_id]
-        reason = None
+        reason = stop_reason = None
         if token in self._stop_ids(request):  # the sampler never picks one before min_tokens
-            text, reason = "", "stop"
+            text, reason, stop_reason = "", "stop", token
         else:
             text = detok.add(token)
             if detok.stop_matched is not None:
-                reason = "stop"
+                reason, stop_reason = "stop", detok.stop_matched
             elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 reason = "length"
         logprob = result.logprobs[k] if result.logprobs is not None else None
         top = result.top_logprobs[k] if result.top_logprobs is not None else None
         out = self._output(request, text, [token], None if logprob is None else [logprob],
                            None if top is None else [top])
+        out.stop_reason = stop_reason
         if reason is None:
             self._emit(request, out)
         else:

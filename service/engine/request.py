@@ -129,6 +129,7 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int
     finish_reason: str | None = None  # stop | length | abort | error
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: str | None = None
 
     @property

@@ -1,0 +1,139 @@
+"""The FastAPI app factory: routers, error shapes, auth, body limit, CORS, and model loading in the background."""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.api import routes_misc, routes_openai, routes_tgi
+from service.api.errors import error_response, install_error_handlers
+from service.api.state import ServerState
+from service.engine.async_engine import AsyncEngine
+from service.engine.engine import Engine
+from service.settings import Settings
+
+log = logging.getLogger("kvserve.api")
+VERSION = "0.1.0"
+OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+def build_engine(settings: Settings) -> Engine:
+    from model.loading import load_model
+
+    loaded = load_model(settings.model, settings.resolved_dtype(), settings.resolved_device())
+    log.info("loaded %s (%s, %s) in %.1f s", loaded.source, loaded.dtype, loaded.device, loaded.load_seconds)
+    return Engine(loaded, settings.engine_config())
+
+
+def _start_engine(state: ServerState, engine_factory: Callable[[Settings], Engine]) -> None:
+    try:
+        engine = engine_factory(state.settings)
+        state.model_info = {"dtype": str(engine.loaded.dtype).removeprefix("torch."),
+                            "device": engine.loaded.device.type, "max_model_len": engine.max_model_len,
+                            "kv_cache_tokens": engine.blocks.num_blocks * engine.blocks.block_size,
+                            "version": VERSION, "source": engine.loaded.source}
+        state.engine = AsyncEngine(engine)
+        log.info("ready: %d KV blocks of %d tokens", engine.blocks.num_blocks, engine.blocks.block_size)
+    except Exception as exc:  # reported by /health; the process stays up so the reason can be read
+        log.exception("model failed to load")
+        state.load_error = f"{type(exc).__name__}: {exc}"
+
+
+def create_app(settings: Settings | None = None,
+               engine_factory: Callable[[Settings], Engine] = build_engine) -> FastAPI:
+    settings = settings or Settings()
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background so /health can answer 503 while the weights are read.
+        loader = threading.Thread(target=_start_engine, args=(state, engine_factory), daemon=True)
+        loader.start()
+        yield
+        loader.join()
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="kvserve", version=VERSION, lifespan=lifespan,
+                  description="LLM inference server: OpenAI-compatible and text-generation-inference-"
+                              "compatible generation, streamed, over a paged KV cache.")
+    app.state.server = state
+    install_error_handlers(app)
+    for router in (routes_misc.router, routes_openai.router, routes_tgi.router):
+        app.include_router(router)
+    _install_auth(app, settings)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _install_auth(app: FastAPI, settings: Settings) -> None:
+    if not settings.api_key:
+        return
+    keys = [key.encode() for key in settings.api_key]
+    open_paths = set(OPEN_PATHS)
+    if not settings.protect_health_and_metrics:
+        open_paths |= {"/health", "/metrics"}
+
+    @app.middleware("http")
+    async def require_key(request: Request, call_next):
+        if request.url.path in open_paths or request.method == "OPTIONS" or (
+                request.url.path == "/" and request.method == "GET"):
+            return await call_next(request)
+        header = request.headers.get("authorization", "")
+        given = header[7:].encode() if header.lower().startswith("bearer ") else b""
+        # Compare against every key, always, so the time taken says nothing about which matched.
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(given, key)
+        if not matched:
+            return error_response(request.url.path, 401, "missing or invalid API key", None, "invalid_api_key")
+        return await call_next(request)
+
+
+class BodySizeLimit:
+    """Refuse request bodies over max_bytes with a 413, whether or not Content-Length is sent."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # No length given (chunked): read the body here, within the limit, then replay it.
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(scope["path"], 413, f"request body is larger than {self.max_bytes} bytes",
+                                  "body", "body_too_large")
+        await response(scope, receive, send)

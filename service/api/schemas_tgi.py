@@ -1,0 +1,57 @@
+"""Request bodies of the native routes, compatible with Hugging Face text-generation-inference."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.engine.request import SamplingParams
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    best_of: int | None = Field(None, ge=1)
+    decoder_input_details: bool = False
+    details: bool = True
+    do_sample: bool = False
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    grammar: dict | None = None
+    max_new_tokens: int | None = Field(100, ge=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    return_full_text: bool | None = False
+    seed: int | None = Field(None, ge=0)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    temperature: float | None = Field(None, gt=0, le=100)
+    top_k: int | None = Field(None, gt=0)
+    top_n_tokens: int | None = Field(None, ge=0, le=20)
+    top_p: float | None = Field(None, gt=0, lt=1)
+    truncate: int | None = Field(None, ge=1)
+    typical_p: float | None = Field(None, gt=0, lt=1)
+    watermark: bool = False
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        # Refuse what kvserve does not do rather than silently ignore it.
+        for name, is_set in (("best_of", (self.best_of or 1) > 1), ("grammar", self.grammar is not None),
+                             ("typical_p", self.typical_p is not None), ("watermark", self.watermark)):
+            if is_set:
+                raise ValueError(f"{name} is not supported by kvserve")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+        return self
+
+    def sampling_params(self) -> SamplingParams:
+        # As in TGI: greedy unless sampling is asked for, explicitly or by a sampling knob.
+        sample = self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+        return SamplingParams(
+            temperature=(self.temperature or 1.0) if sample else 0.0, top_k=self.top_k or 0,
+            top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty or 1.0,
+            frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, max_tokens=self.max_new_tokens,
+            stop=list(self.stop), logprobs=self.top_n_tokens if self.top_n_tokens else 0)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str = Field(min_length=1)
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    stream: bool = False
