@@ -7,7 +7,8 @@ import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import routes_misc, routes_openai, routes_tgi
@@ -15,6 +16,7 @@ from service.api.errors import error_response, install_error_handlers
 from service.api.state import ServerState
 from service.engine.async_engine import AsyncEngine
 from service.engine.engine import Engine
+from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("kvserve.api")
@@ -30,9 +32,11 @@ def build_engine(settings: Settings) -> Engine:
     return Engine(loaded, settings.engine_config())
 
 
-def _start_engine(state: ServerState, engine_factory: Callable[[Settings], Engine]) -> None:
+def _start_engine(state: ServerState, engine_factory: Callable[[Settings], Engine], metrics: Metrics) -> None:
     try:
         engine = engine_factory(state.settings)
+        if state.settings.enable_metrics:
+            metrics.attach(engine, state.settings.served_model_name, VERSION)
         state.model_info = {"dtype": str(engine.loaded.dtype).removeprefix("torch."),
                             "device": engine.loaded.device.type, "max_model_len": engine.max_model_len,
                             "kv_cache_tokens": engine.blocks.num_blocks * engine.blocks.block_size,
@@ -48,11 +52,12 @@ def create_app(settings: Settings | None = None,
                engine_factory: Callable[[Settings], Engine] = build_engine) -> FastAPI:
     settings = settings or Settings()
     state = ServerState(settings)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load in the background so /health can answer 503 while the weights are read.
-        loader = threading.Thread(target=_start_engine, args=(state, engine_factory), daemon=True)
+        loader = threading.Thread(target=_start_engine, args=(state, engine_factory, metrics), daemon=True)
         loader.start()
         yield
         loader.join()
@@ -63,15 +68,32 @@ def create_app(settings: Settings | None = None,
                   description="LLM inference server: OpenAI-compatible and text-generation-inference-"
                               "compatible generation, streamed, over a paged KV cache.")
     app.state.server = state
+    app.state.metrics = metrics
     install_error_handlers(app)
     for router in (routes_misc.router, routes_openai.router, routes_tgi.router):
         app.include_router(router)
+    _install_http_metrics(app, metrics)
     _install_auth(app, settings)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _install_http_metrics(app: FastAPI, metrics: Metrics) -> None:
+    @app.get("/metrics", tags=["Server"], summary="Prometheus metrics (text exposition format)")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        # The route template, never the raw path, keeps the label set bounded.
+        metrics.http_requests.labels(request.method, getattr(route, "path", "unmatched"),
+                                     str(response.status_code)).inc()
+        return response
 
 
 def _install_auth(app: FastAPI, settings: Settings) -> None:

@@ -17,7 +17,7 @@ from model.loading import LoadedModel
 from service.engine.block_manager import BlockManager
 from service.engine.config import EngineConfig
 from service.engine.detokenizer import IncrementalDetokenizer
-from service.engine.errors import EngineDead, EngineOverloaded
+from service.engine.errors import EngineDead, EngineOverloaded, RequestRejected
 from service.engine.request import Request, RequestOutput, SamplingParams, Status
 from service.engine.runner import Runner, plan_cache
 from service.engine.scheduler import ScheduledBatch, Scheduler
@@ -59,6 +59,7 @@ class Engine:
         self.sinks: dict[str, OutputSink] = {}
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.finish_listeners: list[Callable[[Request], None]] = []
+        self.refusal_listeners: list[Callable[[str], None]] = []  # called with a reason
         self._inbox: deque = deque()
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
@@ -77,12 +78,18 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                     on_output: OutputSink | None = None, priority: int = 0) -> None:
         """Queue a request (n samples). Raises RequestRejected, EngineOverloaded or EngineDead."""
-        if not self.is_healthy:
-            raise EngineDead(f"engine is not running: {self.dead_reason}")
-        params = validate_request(prompt_ids, params, self.tokenizer.vocab_size, self.max_model_len,
-                                  self.blocks.num_blocks * self.blocks.block_size)
-        if self.num_waiting + params.n > self.config.max_queue:
-            raise EngineOverloaded(f"waiting queue is full ({self.config.max_queue} requests)")
+        try:
+            if not self.is_healthy:
+                raise EngineDead(f"engine is not running: {self.dead_reason}")
+            params = validate_request(prompt_ids, params, self.tokenizer.vocab_size, self.max_model_len,
+                                      self.blocks.num_blocks * self.blocks.block_size)
+            if self.num_waiting + params.n > self.config.max_queue:
+                raise EngineOverloaded(f"waiting queue is full ({self.config.max_queue} requests)")
+        except (EngineDead, EngineOverloaded, RequestRejected) as exc:
+            reason = {EngineDead: "engine_dead", EngineOverloaded: "overloaded"}.get(type(exc), "rejected")
+            for listener in self.refusal_listeners:
+                listener(reason)
+            raise
         samples = [Request(list(prompt_ids), params, request_id=f"{request_id}#{i}", priority=priority,
                            sample_index=i) for i in range(params.n)]
         for sibling in samples[1:]:

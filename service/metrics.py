@@ -1,0 +1,140 @@
+"""Every Prometheus metric kvserve exports, in one place.
+
+Latency histograms are recorded when a request finishes, from the timestamps the engine keeps on
+each request; step histograms from a per-step summary. Neither touches the model's hot path. Gauges
+(running, waiting, KV usage) and the engine's own counters (preemptions, prefix cache) are read live
+at scrape time, so they are right even when the engine is idle. Labels are bounded: finish reasons,
+failure reasons, HTTP route templates and status codes, never request ids or prompts.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from service.engine.engine import Engine, StepStats
+from service.engine.request import Request
+
+# Seconds, from a millisecond to ten minutes: decode steps and ITL at the low end, queueing and
+# long generations at the top.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                   1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+disable_created_metrics()  # the *_created series only add noise to every counter and histogram
+
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+
+        def hist(name: str, doc: str, buckets=LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=registry)
+
+        self.ttft = hist("kvserve_time_to_first_token_seconds", "Arrival to first output token.")
+        self.itl = hist("kvserve_inter_token_latency_seconds", "Time between consecutive output tokens.")
+        self.tpot = hist("kvserve_request_time_per_output_token_seconds",
+                         "Decode time per output token after the first, per request.")
+        self.e2e = hist("kvserve_e2e_request_latency_seconds", "Arrival to finish.")
+        self.queue = hist("kvserve_request_queue_time_seconds", "Arrival to first scheduled.")
+        self.prefill = hist("kvserve_request_prefill_time_seconds", "First scheduled to first token.")
+        self.decode = hist("kvserve_request_decode_time_seconds", "First token to finish.")
+        self.prompt_tokens = hist("kvserve_request_prompt_tokens", "Prompt length per request.", TOKEN_BUCKETS)
+        self.generation_tokens = hist("kvserve_request_generation_tokens", "Output length per request.",
+                                      TOKEN_BUCKETS)
+        self.iteration_tokens = hist("kvserve_iteration_tokens", "Tokens computed per engine step.",
+                                     TOKEN_BUCKETS)
+        self.step_duration = hist("kvserve_step_duration_seconds", "Wall time of one engine step.")
+        self.prompt_tokens_total = Counter("kvserve_prompt_tokens", "Prompt tokens of finished requests.",
+                                           registry=registry)
+        self.generation_tokens_total = Counter("kvserve_generation_tokens", "Output tokens generated.",
+                                               registry=registry)
+        self.success = Counter("kvserve_request_success", "Finished requests by finish reason.",
+                               ["finished_reason"], registry=registry)
+        self.failure = Counter("kvserve_request_failure", "Failed or refused requests by reason.",
+                               ["reason"], registry=registry)
+        self.http_requests = Counter("kvserve_http_requests", "HTTP requests by route and status.",
+                                     ["method", "route", "status"], registry=registry)
+        self.info = Info("kvserve_model", "The served model and engine settings.", registry=registry)
+        self._engine: Engine | None = None
+        registry.register(_EngineStateCollector(self))
+
+    def attach(self, engine: Engine, model_name: str, version: str) -> None:
+        self._engine = engine
+        engine.step_listeners.append(self.observe_step)
+        engine.finish_listeners.append(self.observe_finished)
+        engine.refusal_listeners.append(self.observe_refused)
+        self.info.info({"model": model_name, "source": engine.loaded.source,
+                        "dtype": str(engine.loaded.dtype).removeprefix("torch."),
+                        "device": engine.loaded.device.type, "block_size": str(engine.blocks.block_size),
+                        "version": version})
+
+    def observe_step(self, stats: StepStats) -> None:
+        self.iteration_tokens.observe(stats.num_tokens)
+        self.step_duration.observe(stats.duration)
+
+    def observe_finished(self, request: Request) -> None:
+        if request.finish_reason == "error":
+            self.failure.labels("error").inc()
+        else:
+            self.success.labels(request.finish_reason).inc()
+        if request.sample_index == 0:  # n samples share one prompt
+            self.prompt_tokens.observe(request.num_prompt_tokens)
+            self.prompt_tokens_total.inc(request.num_prompt_tokens)
+        self.generation_tokens.observe(request.num_output_tokens)
+        self.generation_tokens_total.inc(request.num_output_tokens)
+        self._observe_latencies(request)
+
+    def _observe_latencies(self, request: Request) -> None:
+        if request.first_scheduled_time is not None:
+            self.queue.observe(request.first_scheduled_time - request.arrival_time)
+        if request.first_token_time is None:
+            return
+        self.ttft.observe(request.first_token_time - request.arrival_time)
+        if request.first_scheduled_time is not None:
+            self.prefill.observe(request.first_token_time - request.first_scheduled_time)
+        if request.finish_time is not None:
+            self.e2e.observe(request.finish_time - request.arrival_time)
+            decode = request.finish_time - request.first_token_time
+            self.decode.observe(decode)
+            if request.num_output_tokens > 1:
+                self.tpot.observe(decode / (request.num_output_tokens - 1))
+        times = request.token_times
+        for before, after in zip(times, times[1:]):
+            self.itl.observe(after - before)
+
+    def observe_refused(self, reason: str) -> None:
+        self.failure.labels(reason).inc()
+
+
+class _EngineStateCollector:
+    """Gauges and engine-owned counters, read at scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self):
+        engine = self.metrics._engine
+        if engine is None:
+            return
+        blocks, scheduler = engine.blocks, engine.scheduler
+        gauges = [
+            ("kvserve_num_requests_running", "Requests in the running batch.", scheduler.num_running),
+            ("kvserve_num_requests_waiting", "Requests waiting to be scheduled.", engine.num_waiting),
+            ("kvserve_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", blocks.usage),
+            ("kvserve_kv_cache_blocks_total", "KV blocks in the cache.", blocks.num_blocks),
+            ("kvserve_kv_cache_blocks_used", "KV blocks held by requests.", blocks.num_used),
+            ("kvserve_kv_cache_blocks_cached", "Free KV blocks that still hold a reusable prefix.",
+             blocks.num_cached),
+            ("kvserve_engine_healthy", "1 while the engine loop runs, 0 if it died.", int(engine.is_healthy)),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = [
+            ("kvserve_num_preemptions", "Requests preempted for lack of KV blocks.", scheduler.num_preemptions),
+            ("kvserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", blocks.prefix_queries),
+            ("kvserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.", blocks.prefix_hits),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value=value)
