@@ -82,6 +82,11 @@ class AttentionMetadata:
                 raise ValueError("an uncached step needs whole sequences (context_lens == query_lens)")
             meta.prefills = _prefill_chunks(query_lens, context_lens, None, block_size, sliding_window, device)
             return meta
+        if len(block_tables) != len(query_lens) or any(
+                len(t) * block_size < c for t, c in zip(block_tables, context_lens)):
+            # A short table would be padded with block 0 and silently write into another sequence.
+            raise ValueError(f"block_tables must cover context_lens={context_lens} in blocks of "
+                             f"{block_size}, got {[len(t) for t in block_tables]} blocks")
         tables = _pad_tables(block_tables, device)
         meta.slot_mapping = _slots(tables, positions, torch.repeat_interleave(
             torch.arange(len(query_lens), device=device), torch.tensor(query_lens, device=device)), block_size)

@@ -66,15 +66,21 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def num_parameters(self) -> int:
-        qkv = self.hidden_size * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
-        out = self.num_heads * self.head_dim * self.hidden_size
-        ffn_in = (2 if self.activation == "swiglu" else 1) * self.hidden_size * self.ffn_hidden_size
-        ffn_out = self.ffn_hidden_size * self.hidden_size
-        per_layer = qkv + out + ffn_in + ffn_out
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+        """Every weight, bias and norm parameter, a tied output head counted once."""
+        d, f = self.hidden_size, self.ffn_hidden_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        n_in = 2 if self.activation == "swiglu" else 1
+        norm = d * (2 if self.norm == "layernorm" else 1)
+        per_layer = d * (q + 2 * kv) + q * d + n_in * d * f + f * d + 2 * norm
+        if self.attention_bias:
+            per_layer += q + 2 * kv + d
+        if self.mlp_bias:
+            per_layer += n_in * f + d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if self.positional_encoding == "learned":
-            embed += self.max_position * self.hidden_size
-        return self.num_layers * per_layer + embed
+            embed += self.max_position * d
+        final_norm = norm if self.norm_placement == "pre" else 0
+        return self.num_layers * per_layer + embed + final_norm
 
 
 def _gpt2(name: str, hidden: int, layers: int, heads: int) -> ModelConfig:

@@ -12,7 +12,8 @@ from model.weights import LoadError
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2"}
 # Buffers some checkpoints carry that are recomputed, never loaded.
-_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
+# Anchored at a dot: GPT-2's real QKV bias "attn.c_attn.bias" also ends in "attn.bias".
+_IGNORED = re.compile(r"(?:^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
 
 _LLAMA_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                 "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",

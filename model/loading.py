@@ -87,6 +87,8 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], source: s
     with torch.device("meta"):  # skip the random initialisation the weights replace anyway
         model = Transformer(config)
     model.to_empty(device="cpu")
+    if config.tie_embeddings:  # to_empty gives each module its own copy of a shared meta parameter
+        model.lm_head.weight = model.embed_tokens.weight
     model.load_state_dict(fuse(weights, config), strict=True)
     model.reset_buffers()
     return model.requires_grad_(False).to(device=device, dtype=dtype).eval()
