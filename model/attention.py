@@ -59,6 +59,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # (T,) where each new token's K/V go
     decode: DecodeRows | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
+    sliding_window: int | None = None  # the window the masks were built for; the model checks it
 
     @property
     def num_tokens(self) -> int:
@@ -76,7 +77,7 @@ class AttentionMetadata:
         starts = [c - q for q, c in zip(query_lens, context_lens)]
         positions = torch.cat([torch.arange(s, c) for s, c in zip(starts, context_lens)]).to(device)
         ends = torch.tensor(query_lens).cumsum(0)
-        meta = cls(query_lens, context_lens, positions, (ends - 1).to(device))
+        meta = cls(query_lens, context_lens, positions, (ends - 1).to(device), sliding_window=sliding_window)
         if block_tables is None:
             if starts != [0] * len(starts):
                 raise ValueError("an uncached step needs whole sequences (context_lens == query_lens)")

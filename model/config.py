@@ -31,6 +31,7 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = True
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(hidden_size), as the 2017 paper does
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -111,7 +112,7 @@ PRESETS: dict[str, ModelConfig] = {
         name="transformer-2017", vocab_size=37000, hidden_size=512, num_layers=6, num_heads=8,
         num_kv_heads=8, ffn_hidden_size=2048, activation="relu", norm="layernorm",
         norm_placement="post", positional_encoding="sinusoidal", max_position=4096,
-        attention_bias=True, mlp_bias=True),
+        attention_bias=True, mlp_bias=True, scale_embeddings=True),
     # Mistral 7B's shape: GQA with a sliding attention window.
     "mistral-7b": ModelConfig(
         name="mistral-7b", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,

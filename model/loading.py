@@ -70,7 +70,8 @@ def read_model(name: str) -> tuple[ModelConfig, dict[str, torch.Tensor], TextTok
     path = smollm2_path() if name == DEFAULT_MODEL else Path(name)
     if path.is_dir():
         config, _ = read_hf_config(path)
-        return config, hf_weights(path, config), tokenizer_from_folder(path), str(path)
+        tokenizer = tokenizer_from_folder(path) if (path / "tokenizer.json").exists() else None
+        return config, hf_weights(path, config), tokenizer, str(path)
     if not path.exists():
         raise LoadError(f"model {name!r}: no such file or folder (expected 'smollm2', a .gguf file, "
                         f"a Hugging Face folder, or random:PRESET)")

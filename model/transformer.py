@@ -47,10 +47,15 @@ class Transformer(nn.Module):
         Returns logits (N, vocab) at logits_index, by default each sequence's last new token.
         """
         positions = meta.positions
+        if meta.sliding_window != self.config.sliding_window:
+            raise ValueError(f"attention metadata was built for sliding_window={meta.sliding_window}, "
+                             f"the model has {self.config.sliding_window}")
         if max(meta.context_lens) > self.config.max_position:
             raise ValueError(f"context of {max(meta.context_lens)} tokens is beyond the model's "
                              f"max_position {self.config.max_position}")
         x = self.embed_tokens(input_ids)  # (T, d)
+        if self.config.scale_embeddings:
+            x = x * self.config.hidden_size ** 0.5
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         elif self.rotary is None:

@@ -12,6 +12,7 @@ import functools
 import pytest
 import torch
 
+from model.transformer import Transformer
 from model.attention import AttentionMetadata, allocate_kv_cache
 from model.config import tiny
 from model.loading import build_model
@@ -52,11 +53,17 @@ def random_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def full_logits(model, tokens: list[int], sliding_window: int | None | str = "config") -> torch.Tensor:
+def full_logits(model, tokens: list[int]) -> torch.Tensor:
     """(T, vocab) logits of every position from one uncached forward: the reference."""
-    window = model.config.sliding_window if sliding_window == "config" else sliding_window
-    meta = AttentionMetadata.build([len(tokens)], [len(tokens)], None, sliding_window=window)
+    meta = AttentionMetadata.build([len(tokens)], [len(tokens)], None, sliding_window=model.config.sliding_window)
     return model(torch.tensor(tokens), meta, None, logits_index=torch.arange(len(tokens)))
+
+
+def without_window(model):
+    """The same weights in a model whose config has no sliding window."""
+    unwindowed = Transformer(model.config.replace(sliding_window=None))
+    unwindowed.load_state_dict(model.state_dict())
+    return unwindowed.eval()
 
 
 class PagedRun:
@@ -216,7 +223,7 @@ def test_sliding_window_changes_logits_only_beyond_the_window():
     model, tokens = get_model("mistral-window"), random_tokens(20, seed=7)
     window = model.config.sliding_window
     assert window == 8
-    windowed, unwindowed = full_logits(model, tokens), full_logits(model, tokens, sliding_window=None)
+    windowed, unwindowed = full_logits(model, tokens), full_logits(without_window(model), tokens)
     diff = max_diff_per_position(windowed, unwindowed)
     assert diff[:window].max() <= ATOL  # up to `window` keys, the window hides nothing
     assert diff[window:].min() > CLEARLY_DIFFERENT
@@ -254,3 +261,10 @@ def test_forward_beyond_max_position_raises():
     run.step({"s": [0] * limit})
     with pytest.raises(ValueError, match="max_position"):
         run.step({"s": [0]})  # one decode step past the end, through the cache
+
+
+def test_metadata_built_for_another_window_is_refused():
+    model = get_model("mistral-window")
+    meta = AttentionMetadata.build([4], [4], None, sliding_window=None)
+    with pytest.raises(ValueError, match="sliding_window"):
+        model(torch.tensor([1, 2, 3, 4]), meta, None)
