@@ -165,9 +165,16 @@ def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: 
         out.index_copy_(0, meta.decode.token_index, _attend_decode(q, k_cache, v_cache, meta.decode, scale))
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        out[rows] = _attend_chunk(q[rows], k_cache[chunk.kv_slots].to(q.dtype),
-                                  v_cache[chunk.kv_slots].to(q.dtype), chunk.mask, scale)
+        out[rows] = _attend_chunk(q[rows], _gather(k_cache, chunk.kv_slots, q.dtype),
+                                  _gather(v_cache, chunk.kv_slots, q.dtype), chunk.mask, scale)
     return out
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache rows at `slots`, shaped like slots + (n_kv, hd). index_select on the flat slot list is a
+    plain row copy, much cheaper for these small gathers than advanced indexing."""
+    rows = cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+    return rows if rows.dtype == dtype else rows.to(dtype)
 
 
 def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float) -> torch.Tensor:
@@ -175,7 +182,7 @@ def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float) -> torch
     bd = rows.token_index.shape[0]
     # Group each KV head's query heads as the "query length" so GQA needs no K/V expansion.
     q_rows = q.index_select(0, rows.token_index).view(bd, n_kv, -1, hd)  # (Bd, n_kv, g, hd)
-    k = k_cache[rows.kv_slots].to(q.dtype).transpose(1, 2)  # (Bd, n_kv, max_ctx, hd)
-    v = v_cache[rows.kv_slots].to(q.dtype).transpose(1, 2)
+    k = _gather(k_cache, rows.kv_slots, q.dtype).transpose(1, 2)  # (Bd, n_kv, max_ctx, hd)
+    v = _gather(v_cache, rows.kv_slots, q.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=rows.key_mask, scale=scale)
     return out.reshape(bd, -1, hd)  # (Bd, nh, hd)
