@@ -73,7 +73,9 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting + len(self._inbox)
+        # Queued samples only: an abort waiting in the inbox is not a request (copy() is atomic under the GIL).
+        queued = sum(len(samples) for kind, _, samples, _ in self._inbox.copy() if kind == "add")
+        return self.scheduler.num_waiting + queued
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                     on_output: OutputSink | None = None, priority: int = 0) -> None:
@@ -129,16 +131,22 @@ class Engine:
             self.dead_reason = f"{type(exc).__name__}: {exc}"
             log.error("engine loop died:\n%s", traceback.format_exc())
             self._fail_all(f"engine stopped: {self.dead_reason}")
+            return
+        # Stopped on purpose: refuse new work and end what is still in flight, so no stream hangs.
+        self.dead_reason = "engine stopped"
+        self._fail_all(self.dead_reason, reason="abort")
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, reason: str = "error") -> None:
         self._drain_inbox()
         for request in list(self.requests.values()):
-            self._finish(request, "error", error=message)
+            self._finish(request, reason, error=message)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             kind, request_id, samples, sink = self._inbox.popleft()
-            if kind == "add":
+            if kind == "add" and request_id in self.groups:
+                self._refuse_duplicate(samples, sink)
+            elif kind == "add":
                 self.groups[request_id] = samples
                 for request in samples:
                     self.requests[request.request_id] = request
@@ -150,6 +158,16 @@ class Engine:
                 for request in [r for group_id in ids for r in self.groups.get(group_id, [])]:
                     if not request.is_finished:
                         self._finish(request, "abort")
+
+    def _refuse_duplicate(self, samples: list[Request], sink: OutputSink | None) -> None:
+        """A second live request with the same id would collide in the block tables; answer it
+        with an error instead of letting the collision break the step loop."""
+        for request in samples:
+            request.status, request.finish_reason = Status.FINISHED, "error"
+            out = self._output(request, "", [])
+            out.finish_reason, out.error = "error", f"request id {out.request_id!r} is already in use"
+            if sink is not None:
+                self._send(sink, out)
 
     # --- one step ---------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
@@ -221,8 +239,20 @@ class Engine:
 
     def _emit(self, request: Request, out: RequestOutput) -> None:
         sink = self.sinks.get(request.request_id)
-        if sink is not None:
+        if sink is not None and not self._send(sink, out):
+            # Nobody can receive this request's outputs (e.g. the caller's event loop has closed).
+            self.sinks.pop(request.request_id, None)
+            if not out.finished:
+                self.abort(out.request_id)
+
+    def _send(self, sink: OutputSink, out: RequestOutput) -> bool:
+        """Deliver one output. A sink that raises must not break the step loop: log it, return False."""
+        try:
             sink(out)
+            return True
+        except Exception:
+            log.exception("output sink of request %s failed", out.request_id)
+            return False
 
     def _finish(self, request: Request, reason: str, pending: RequestOutput | None = None,
                 error: str | None = None) -> None:

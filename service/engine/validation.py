@@ -32,6 +32,9 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: 
     if max_tokens > room:
         raise RequestRejected(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                               f"context length {max_model_len}", "max_tokens")
+    if len(prompt_ids) >= cache_tokens:  # no max_tokens could make this fit
+        raise RequestRejected(f"prompt has {len(prompt_ids)} tokens; the whole KV cache holds {cache_tokens}",
+                              "prompt")
     if len(prompt_ids) + max_tokens > cache_tokens:
         raise RequestRejected(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
                               f"whole KV cache ({cache_tokens} tokens)", "max_tokens")

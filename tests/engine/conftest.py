@@ -1,0 +1,43 @@
+"""Fixtures for the engine tests: the real SmolLM2 tokenizer, a tiny random model over its vocabulary,
+and the real SmolLM2 model. Helpers that build and drive engines live in engine_helpers.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import tiny
+from model.gguf_weights import open_gguf
+from model.loading import LoadedModel, build_model, load_model, smollm2_path
+from model.tokenizer import TextTokenizer, tokenizer_from_gguf
+from model.weights import random_weights
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer() -> TextTokenizer:
+    path = smollm2_path()
+    return tokenizer_from_gguf(open_gguf(path), path)
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(smollm2_tokenizer) -> LoadedModel:
+    """A 2-layer random model with the SmolLM2 vocabulary, so the real tokenizer decodes its output."""
+    config = tiny("smollm2-135m", vocab_size=49152, max_position=2048)
+    model = build_model(config, random_weights(config, seed=0), "tiny")
+    return LoadedModel(model, config, smollm2_tokenizer, "tiny", torch.float32, torch.device("cpu"), 0.0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded() -> LoadedModel:
+    """The real SmolLM2-135M-Instruct in float32 (~12 s to load)."""
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Run the engine tests on one intra-op thread. With other processes on the machine, two OpenMP
+    threads that wait for each other at every matmul made SmolLM2 steps ~8x slower (measured on
+    2 cores); one thread never waits. Restored after each module so other test folders are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
