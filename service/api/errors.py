@@ -17,6 +17,7 @@ RETRY_AFTER_SECONDS = 1
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
           429: "rate_limit_error", 500: "internal_error", 503: "overloaded_error", 504: "timeout_error"}
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 _NATIVE_TYPES = {400: "validation", 401: "authentication", 404: "not_found", 413: "validation",
                  422: "validation", 429: "overloaded", 503: "overloaded", 500: "generation", 504: "timeout"}
 
@@ -48,7 +49,9 @@ def error_response(path: str, status: int, message: str, param: str | None = Non
 
 def _field_name(loc: tuple) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or ("body" if loc and loc[0] == "body" else None)
+    # A union's error adds the member it tried ("prompt.str", "content.list[TextPart]"): not a field.
+    cut = next((i for i, p in enumerate(parts) if p in _UNION_TAGS or "[" in p), len(parts))
+    return ".".join(parts[:cut]) or ("body" if loc and loc[0] == "body" else None)
 
 
 def engine_error(exc: Exception) -> APIError:
@@ -80,7 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(request.url.path, exc.status_code, str(exc.detail))
+        # FastAPI's only 400 here is a body it could not parse (e.g. not UTF-8).
+        param, code = ("body", "invalid_body") if exc.status_code == 400 else (None, None)
+        return error_response(request.url.path, exc.status_code, str(exc.detail), param, code)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

@@ -94,7 +94,8 @@ def _stream_event(out: RequestOutput, tokenizer: TextTokenizer, text: str, count
 async def root(body: GenerateRequest, request: Request, state: StateDep, engine: EngineDep):
     if body.stream:
         return await generate_stream(body, state, engine)
-    return await generate(body, request, state, engine)
+    # text-generation-inference answers a list here (one item per input); its clients read item 0.
+    return [await generate(body, request, state, engine)]
 
 
 @router.get("/info", summary="Model and server limits (text-generation-inference API)")

@@ -1,6 +1,7 @@
 """Request bodies of the OpenAI-compatible routes; each maps onto the engine's SamplingParams."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,7 +27,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # what torch.Generator accepts (+ n - 1)
     user: str | None = None
     # Extensions (vLLM names)
     top_k: int = Field(0, ge=-1)
@@ -51,7 +52,7 @@ class SamplingFields(BaseModel):
     @classmethod
     def _bias(cls, value):
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not re.fullmatch(r"-?[0-9]+", key):  # str.isdigit() also accepts "²", which int() refuses
                 raise ValueError(f"keys must be token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")

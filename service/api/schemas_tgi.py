@@ -18,7 +18,7 @@ class GenerateParameters(BaseModel):
     max_new_tokens: int | None = Field(100, ge=1)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     return_full_text: bool | None = False
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # a u64, as in text-generation-inference
     stop: list[str] = Field(default_factory=list, max_length=16)
     temperature: float | None = Field(None, gt=0, le=100)
     top_k: int | None = Field(None, gt=0)
