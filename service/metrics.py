@@ -22,6 +22,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15
 disable_created_metrics()  # the *_created series only add noise to every counter and histogram
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+# Every label value is exported from the start, at 0, so rate() sees the first increment and alerts
+# and dashboards have a series to read before anything has happened.
+FINISH_REASONS = ("stop", "length", "abort")
+FAILURE_REASONS = ("error", "overloaded", "rejected", "engine_dead")
 
 
 class Metrics:
@@ -54,6 +58,10 @@ class Metrics:
                                ["finished_reason"], registry=registry)
         self.failure = Counter("kvserve_request_failure", "Failed or refused requests by reason.",
                                ["reason"], registry=registry)
+        for reason in FINISH_REASONS:
+            self.success.labels(reason)
+        for reason in FAILURE_REASONS:
+            self.failure.labels(reason)
         self.http_requests = Counter("kvserve_http_requests", "HTTP requests by route and status.",
                                      ["method", "route", "status"], registry=registry)
         self.info = Info("kvserve_model", "The served model and engine settings.", registry=registry)
@@ -123,7 +131,7 @@ class _EngineStateCollector:
             ("kvserve_num_requests_running", "Requests in the running batch.", scheduler.num_running),
             ("kvserve_num_requests_waiting", "Requests waiting to be scheduled.", engine.num_waiting),
             ("kvserve_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", blocks.usage),
-            ("kvserve_kv_cache_blocks_total", "KV blocks in the cache.", blocks.num_blocks),
+            ("kvserve_kv_cache_blocks_capacity", "KV blocks in the cache.", blocks.num_blocks),
             ("kvserve_kv_cache_blocks_used", "KV blocks held by requests.", blocks.num_used),
             ("kvserve_kv_cache_blocks_cached", "Free KV blocks that still hold a reusable prefix.",
              blocks.num_cached),

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fastapi.middleware.cors import CORSMiddleware
 
-from service.api import routes_misc, routes_openai, routes_tgi
+from service.api import routes_misc, routes_openai, routes_playground, routes_tgi
 from service.api.errors import error_response, install_error_handlers
 from service.api.state import ServerState
 from service.engine.async_engine import AsyncEngine
@@ -70,7 +70,7 @@ def create_app(settings: Settings | None = None,
     app.state.server = state
     app.state.metrics = metrics
     install_error_handlers(app)
-    for router in (routes_misc.router, routes_openai.router, routes_tgi.router):
+    for router in (routes_misc.router, routes_openai.router, routes_tgi.router, routes_playground.router):
         app.include_router(router)
     _install_http_metrics(app, metrics)
     _install_auth(app, settings)
@@ -106,8 +106,8 @@ def _install_auth(app: FastAPI, settings: Settings) -> None:
 
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        if request.url.path in open_paths or request.method == "OPTIONS" or (
-                request.url.path == "/" and request.method == "GET"):
+        if request.url.path in open_paths or request.method == "OPTIONS" or (  # the playground page is public
+                request.method == "GET" and (request.url.path == "/" or request.url.path.startswith("/static/"))):
             return await call_next(request)
         header = request.headers.get("authorization", "")
         given = header[7:].encode() if header.lower().startswith("bearer ") else b""

@@ -1,0 +1,1 @@
+"""Serving benchmark for any OpenAI-compatible server: load generation, statistics, report and plots."""
