@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml deploy/install.sh
 serve: install
 	$(VENV)/bin/kvserve serve
 
+# Sleeping (not spinning) OpenMP workers: the tests run servers and clients side by side on few cores.
 test: install chromium prometheus
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q --durations=15
 
 # The playground's browser test drives Debian's Chromium through Playwright (no `playwright install`).
 chromium:

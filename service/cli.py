@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from clients.cli import add_bench_arguments, add_chat_arguments, add_connection_arguments, add_sampling_arguments
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Before torch loads OpenMP: idle worker threads sleep instead of spinning. The engine shares its
+    # cores with the event loop (and often with other processes); with spinning workers a decode step
+    # on a busy 2-core machine took 5-40x longer. Set OMP_WAIT_POLICY yourself to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     args.run(args)
 

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0, description="seconds before a request is aborted")
     drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight requests get after SIGTERM")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: one per core)")
     enable_metrics: bool = Field(True, description="record request and step metrics for /metrics")
     seed: int = 0
     log_level: str = "info"

@@ -25,8 +25,12 @@ OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
 def build_engine(settings: Settings) -> Engine:
+    import torch
+
     from model.loading import load_model
 
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model, settings.resolved_dtype(), settings.resolved_device())
     log.info("loaded %s (%s, %s) in %.1f s", loaded.source, loaded.dtype, loaded.device, loaded.load_seconds)
     return Engine(loaded, settings.engine_config())
