@@ -58,10 +58,20 @@ def test_promtool_check_metrics_is_clean(exposition):
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
+def route_paths(routes):
+    """Every route template, also inside included routers (FastAPI keeps those as nested objects)."""
+    for route in routes:
+        if getattr(route, "path", None):
+            yield route.path
+        router = getattr(route, "original_router", None)
+        if router is not None:
+            yield from (router.prefix + path for path in route_paths(router.routes))
+
+
 def test_http_counter_labels_are_route_templates(exposition):
     text, _ = exposition
     app = create_app(Settings())
-    templates = set(app.openapi()["paths"]) | {getattr(route, "path", "") for route in app.routes} | {"unmatched"}
+    templates = set(app.openapi()["paths"]) | set(route_paths(app.routes)) | {"unmatched"}
     routes = {sample_labels["route"] for name, sample_labels in labels(text)
               if name == "kvserve_http_requests_total"}
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= routes
