@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from any venv that has torch, tokenizers and gguf
+# As `kvserve serve` does, before torch loads OpenMP: idle workers sleep instead of spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -51,7 +53,7 @@ def machine() -> dict[str, str]:
     model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
                   if line.startswith("Model name")), platform.processor())
     return {"cpu": model, "cores": str(os.cpu_count()), "torch": torch.__version__,
-            "python": platform.python_version(),
+            "python": platform.python_version(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
 
 
@@ -174,12 +176,14 @@ def report(rows: list[dict], info: dict[str, str], note: str) -> str:
     lines = [
         "# SmolLM2-135M-Instruct forward speed (bench/model_speed.py)", "",
         f"- Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']} "
-        f"({torch.get_num_threads()} threads), Python {info['python']}; {info['date']}",
+        f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={info['omp_wait_policy']}), "
+        f"Python {info['python']}; {info['date']}",
         "- Single sequence, greedy, CPU. prefill: one 512-token prompt (median of 5). decode: the one-token "
         "steps of a 128-token continuation of a 128-token prompt (median of 3). generate: the same 128 new "
         "tokens, prefill included (median of 3), the figure comparable to transformers' `generate`.",
-        "- Load is the 1/5/15-min load average before → after each row; the CPU is shared with other "
-        "jobs, so rows measured under load are slower than the machine can do.", "",
+        "- Load is the 1/5/15-min load average before → after each row; it counts this benchmark's own "
+        "threads (about 1–2 while it runs). The CPU is shared with other jobs; rows measured under load "
+        "are slower than the machine can do.", "",
         "| system | dtype | prefill tok/s | decode tok/s | generate tok/s | load |",
         "|---|---|---|---|---|---|",
         *(row_text(r) for r in rows), "", note, ""]
