@@ -182,7 +182,7 @@ def report(rows: list[dict], info: dict[str, str], note: str) -> str:
         "steps of a 128-token continuation of a 128-token prompt (median of 3). generate: the same 128 new "
         "tokens, prefill included (median of 3), the figure comparable to transformers' `generate`.",
         "- Load is the 1/5/15-min load average before → after each row; it counts this benchmark's own "
-        "threads (about 1–2 while it runs). The CPU is shared with other jobs; rows measured under load "
+        "threads (up to about 2 while it runs). The CPU is shared with other jobs; rows measured under load "
         "are slower than the machine can do.", "",
         "| system | dtype | prefill tok/s | decode tok/s | generate tok/s | load |",
         "|---|---|---|---|---|---|",
