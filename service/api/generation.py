@@ -16,15 +16,15 @@ from fastapi import Request
 from service.api.errors import APIError, engine_error
 from service.engine.async_engine import AsyncEngine
 from service.engine.errors import EngineError, RequestRejected
-from service.engine.request import RequestOutput, SamplingParams
+from service.engine.request import InvalidParam, RequestOutput, SamplingParams
 
 
 def checked_params(build) -> SamplingParams:
     """Build SamplingParams, turning an out-of-range value into a 400 that names the field."""
     try:
         return build()
-    except ValueError as exc:
-        raise APIError(400, str(exc), str(exc).split(" ", 1)[0], "invalid_value") from exc
+    except InvalidParam as exc:
+        raise APIError(400, str(exc), exc.param, "invalid_value") from exc
 
 
 @dataclass

@@ -80,12 +80,16 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         if body.logprobs is not None else None} for c in choices])
 
 
+def _error_event(error: str) -> str:
+    return sse_event({"error": {"message": f"generation failed: {error}", "type": "internal_error",
+                                "param": None, "code": "generation_error"}})
+
+
 async def _stream_completion(gen: Generation, head: dict, body: CompletionRequest, echoes, tokenizer):
     started = set()
     async for index, out in gen.outputs():
         if out.error:
-            yield sse_event({"error": {"message": f"generation failed: {out.error}", "type": "internal_error",
-                                       "param": None, "code": "generation_error"}})
+            yield _error_event(out.error)
             continue
         text = out.new_text
         if index not in started:
@@ -143,8 +147,7 @@ async def _stream_chat(gen: Generation, head: dict, body: ChatCompletionRequest,
                                              "logprobs": None, "finish_reason": None}]))
     async for index, out in gen.outputs():
         if out.error:
-            yield sse_event({"error": {"message": f"generation failed: {out.error}", "type": "internal_error",
-                                       "param": None, "code": "generation_error"}})
+            yield _error_event(out.error)
             continue
         if not out.new_text and not out.finished and not body.logprobs:
             continue

@@ -92,7 +92,7 @@ class Engine:
             for listener in self.refusal_listeners:
                 listener(reason)
             raise
-        samples = [Request(list(prompt_ids), params, request_id=f"{request_id}#{i}", priority=priority,
+        samples = [Request(list(prompt_ids), params, self._stop_ids(params), request_id=f"{request_id}#{i}", priority=priority,
                            sample_index=i) for i in range(params.n)]
         for sibling in samples[1:]:
             sibling.wait_for = samples[0]
@@ -181,8 +181,7 @@ class Engine:
         start = time.perf_counter()
         try:
             tables = [self.blocks.table(r.request_id) for r in batch.requests]
-            stop_ids = [self._stop_ids(r) for r in batch.requests]
-            rows, result = self.runner.execute(batch.requests, batch.num_new_tokens, tables, stop_ids)
+            rows, result = self.runner.execute(batch.requests, batch.num_new_tokens, tables)
         except Exception as exc:  # a failed step fails only its own requests
             log.error("step failed:\n%s", traceback.format_exc())
             for request in batch.requests:
@@ -198,9 +197,9 @@ class Engine:
                 self.blocks.commit(request.request_id, request.all_ids, request.num_computed_tokens)
         self._report(batch, time.perf_counter() - start)
 
-    def _stop_ids(self, request: Request) -> list[int]:
-        ids = list(request.params.stop_token_ids)
-        if not request.params.ignore_eos and self.tokenizer.eos_token_id is not None:
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        ids = list(params.stop_token_ids)
+        if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
@@ -213,7 +212,7 @@ class Engine:
         params = request.params
         detok = self.detokenizers[request.request_id]
         reason = stop_reason = None
-        if token in self._stop_ids(request):  # the sampler never picks one before min_tokens
+        if token in request.stop_ids:  # the sampler never picks one before min_tokens
             text, reason, stop_reason = "", "stop", token
         else:
             text = detok.add(token)

@@ -7,6 +7,14 @@ import time
 from dataclasses import dataclass, field
 
 
+class InvalidParam(ValueError):
+    """A sampling parameter out of range; `param` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param} {message}")
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """How to pick tokens and when to stop. Defaults follow the OpenAI API where it has one."""
@@ -35,7 +43,7 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first out-of-range field."""
+        """Raise InvalidParam (a ValueError) naming the first out-of-range field."""
         checks = [
             ("n", self.n >= 1, "must be at least 1"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
@@ -53,7 +61,7 @@ class SamplingParams:
         ]
         for name, ok, message in checks:
             if not ok:
-                raise ValueError(f"{name} {message}, got {getattr(self, name)!r}")
+                raise InvalidParam(name, f"{message}, got {getattr(self, name)!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -74,6 +82,7 @@ class Request:
     """One sequence being generated. n > 1 samples are separate Requests sharing a group id."""
     prompt_ids: list[int]
     params: SamplingParams
+    stop_ids: list[int] = field(default_factory=list)  # token ids that end it (EOS unless ignored, stop_token_ids)
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     priority: int = 0  # lower runs first; ties by arrival
     output_ids: list[int] = field(default_factory=list)

@@ -75,8 +75,8 @@ class Runner:
         return gen
 
     @torch.inference_mode()
-    def execute(self, requests: list[Request], num_new_tokens: list[int], block_tables: list[list[int]],
-                stop_ids: list[list[int]]) -> tuple[list[int], SampleResult | None]:
+    def execute(self, requests: list[Request], num_new_tokens: list[int],
+                block_tables: list[list[int]]) -> tuple[list[int], SampleResult | None]:
         """Run one step. Returns the indices of the requests whose step reached their last token,
         and the tokens sampled for them, in that order."""
         token_ids, context_lens, sample_rows = [], [], []
@@ -96,5 +96,5 @@ class Runner:
         logits = self.model(torch.tensor(token_ids, device=self.device), meta, self.kv_caches,
                             logits_index=meta.logits_index[sample_rows])
         rows = [SamplingRow(requests[i].params, requests[i].prompt_ids, requests[i].output_ids,
-                            self._generator(requests[i]), stop_ids[i]) for i in sample_rows]
+                            self._generator(requests[i]), requests[i].stop_ids) for i in sample_rows]
         return sample_rows, self.sampler(logits, rows)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from service.engine.errors import RequestRejected
-from service.engine.request import SamplingParams
+from service.engine.request import InvalidParam, SamplingParams
 
 
 def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
@@ -17,8 +17,8 @@ def validate_request(prompt_ids: list[int], params: SamplingParams, vocab_size: 
         raise RequestRejected(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt")
     try:
         params.validate()
-    except ValueError as exc:
-        raise RequestRejected(str(exc), str(exc).split(" ", 1)[0]) from exc
+    except InvalidParam as exc:
+        raise RequestRejected(str(exc), exc.param) from exc
     for field_name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
         bad = next((t for t in ids if not 0 <= int(t) < vocab_size), None)
         if bad is not None:
