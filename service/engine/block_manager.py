@@ -123,6 +123,10 @@ class BlockManager:
             table.append(self._take_block())
         return True
 
+    def has_new_full_block(self, seq_id: str, num_computed: int) -> bool:
+        """Whether commit() has anything to hash: lets callers skip building the token list each step."""
+        return self.enable_prefix_caching and num_computed // self.block_size > self.num_hashed[seq_id]
+
     def commit(self, seq_id: str, token_ids: list[int], num_computed: int) -> None:
         """Hash the sequence's full blocks whose K/V are now computed, so later prompts can share them."""
         if not self.enable_prefix_caching:

@@ -193,7 +193,8 @@ class Engine:
         for k, i in enumerate(rows):
             self._append_token(batch.requests[i], result, k, now)
         for request in batch.requests:
-            if not request.is_finished:
+            if not request.is_finished and self.blocks.has_new_full_block(request.request_id,
+                                                                          request.num_computed_tokens):
                 self.blocks.commit(request.request_id, request.all_ids, request.num_computed_tokens)
         self._report(batch, time.perf_counter() - start)
 

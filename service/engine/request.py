@@ -104,6 +104,15 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building all_ids (a decode step reads one output token)."""
+        prompt_len = len(self.prompt_ids)
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len:end - prompt_len]
+        if end <= prompt_len:
+            return self.prompt_ids[start:end]
+        return self.all_ids[start:end]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -82,7 +82,7 @@ class Runner:
         token_ids, context_lens, sample_rows = [], [], []
         for i, (request, n) in enumerate(zip(requests, num_new_tokens)):
             start = request.num_computed_tokens
-            token_ids.extend(request.all_ids[start:start + n])
+            token_ids.extend(request.token_slice(start, start + n))
             context_lens.append(start + n)
             if start + n == request.num_tokens:
                 sample_rows.append(i)
