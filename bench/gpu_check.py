@@ -1,10 +1,12 @@
-"""GPU check (one short run on a lent H100/H200): needs torch (and transformers for the baseline) only.
+"""GPU check (one short run on a lent H100/H200): needs torch and triton (transformers for the baseline).
 
-1. Batch-1 decode of a 1B-parameter Llama-shaped bf16 model (random weights, preset llama-1b) through
-   our model + paged cache, as a fraction of the HBM bandwidth limit (every weight read once a token).
-2. Output tok/s of the offline engine at 64 concurrent requests beside transformers' `generate` at
-   batch 64 on the same GPU and the same shape (random weights in both).
-3. SmolLM2-shaped random bf16 engine throughput at 256 requests (the engine issue's GPU check).
+0. The Triton paged decode kernel against the torch backend on the GPU (fp32, every case of the tests).
+1. Batch-1 decode of a 1B-parameter Llama-shaped bf16 model (random weights, preset llama-1b): eager
+   and replayed from a CUDA graph, as a fraction of the HBM bandwidth limit (every weight read once a
+   token); and the graph's logits against the eager forward's.
+2. Output tok/s of the offline engine at 64 concurrent requests (CUDA graphs on and off) beside
+   transformers' `generate` at batch 64 on the same GPU and the same shape (random weights in both).
+3. SmolLM2-shaped random bf16 engine throughput at 256 requests.
 
     PYTHONPATH=. python bench/gpu_check.py --out $OUT/gpu_check.md
 """
@@ -14,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -24,32 +27,73 @@ from model.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.loading import build_model  # noqa: E402
 from model.weights import random_weights  # noqa: E402
+from service.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM datasheet peaks
+KV_CACHE_BYTES = 8 << 30
 
 
-def decode_fraction(config, device) -> tuple[float, float]:
-    model = build_model(config, random_weights(config), "random", torch.bfloat16, device)
-    cache = allocate_kv_cache(config, 64, 16, torch.bfloat16, device)
-    table = [list(range(64))]
+def kernel_cases() -> str:
+    from tests.model import triton_interpreter_cases as cases
+    torch.backends.cuda.matmul.allow_tf32 = False
+    diffs = {name: case() for name, case in cases.CASES.items()}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    worst = max(diffs, key=diffs.get)
+    verdict = "PASS" if diffs[worst] <= cases.ATOL else "FAIL"
+    return f"- paged decode kernel vs torch backend, {len(diffs)} fp32 cases: {verdict} (worst {worst}: {diffs[worst]:.2g})"
+
+
+def _median_step(step, n: int = 64) -> float:
     times = []
+    for i in range(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(i)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def batch1_decode(config, device) -> list[str]:
+    model = build_model(config, random_weights(config), "random", torch.bfloat16, device)
+    cache = allocate_kv_cache(config, 65, 16, torch.bfloat16, device)  # block 64: the graphs' scratch block
+    table = list(range(64))
+    graphs = DecodeGraphs(model, cache, 16, 8, 64, 64, torch.device(device))
+    lines = []
     with torch.inference_mode():
-        model(torch.arange(128, device=device), AttentionMetadata.build([128], [128], table, device=device), cache)
-        for i in range(64):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(torch.ones(1, dtype=torch.long, device=device),
-                  AttentionMetadata.build([1], [129 + i], table, device=device), cache)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    tok_s = 1 / statistics.median(times)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), 3.35e12)
-    return tok_s, weight_bytes * tok_s / peak
+        model(torch.arange(128, device=device), AttentionMetadata.build([128], [128], [table], device=device), cache)
+
+        def eager(i):
+            return model(torch.ones(1, dtype=torch.long, device=device),
+                         AttentionMetadata.build([1], [129 + i], [table], device=device), cache)
+
+        def graph(i):
+            return graphs.run([1], [129 + i], [table])
+
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), 3.35e12)
+        for label, step in (("eager", eager), ("CUDA graph", graph)):
+            tok_s = 1 / _median_step(step)
+            lines.append(f"- llama-1b bf16 batch-1 decode, {label}: {tok_s:.0f} tok/s = "
+                         f"{weight_bytes * tok_s / peak:.1%} of the HBM bandwidth limit "
+                         f"({weight_bytes / 1e9:.2f} GB of weights, {peak / 1e12:.2f} TB/s)")
+        # Same step both ways (it rewrites the same K/V): the graph must give the eager logits.
+        tables = [table[:16], table[16:32], table[32:48]]
+        ids, lens = [5, 6, 7], [100, 37, 250]
+        model(torch.arange(250, device=device) % 1000, AttentionMetadata.build([250], [250], [table[32:48]],
+                                                                               device=device), cache)
+        replayed = graphs.run(ids, lens, tables).clone()
+        direct = model(torch.tensor(ids, device=device), AttentionMetadata.build([1, 1, 1], lens, tables,
+                                                                                 device=device), cache)
+        diff = float((replayed - direct).abs().max())
+        lines.append(f"- CUDA graph (batch 3 padded to 4) vs eager logits: max |diff| {diff:.3g} "
+                     f"({'PASS' if diff <= 1e-2 * float(direct.abs().max()) else 'FAIL'})")
+    return lines
 
 
-def engine_throughput(config, device, requests: int, max_num_seqs: int, output_len: int = 128) -> float:
+def engine_throughput(config, device, requests: int, max_num_seqs: int, cuda_graphs: bool = True,
+                      output_len: int = 128) -> float:
     from model.loading import LoadedModel
     from service.engine.config import EngineConfig
     from service.engine.engine import Engine
@@ -58,17 +102,24 @@ def engine_throughput(config, device, requests: int, max_num_seqs: int, output_l
     model = build_model(config, random_weights(config), "random", torch.bfloat16, device)
     loaded = LoadedModel(model, config, _ByteTokenizer(config.vocab_size), "random", torch.bfloat16,
                          torch.device(device), 0.0)
-    engine = Engine(loaded, EngineConfig(kv_cache_memory=None, max_num_seqs=max_num_seqs,
-                                         max_num_batched_tokens=4096, max_queue=1 << 20))
+    engine = Engine(loaded, EngineConfig(kv_cache_memory=KV_CACHE_BYTES, max_num_seqs=max_num_seqs,
+                                         max_num_batched_tokens=4096, max_queue=1 << 20,
+                                         cuda_graphs=cuda_graphs))
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
-    for i in range(requests):
-        engine.add_request(torch.randint(0, config.vocab_size, (128,), generator=gen).tolist(), params, f"r{i}")
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        engine.step()
-    torch.cuda.synchronize()
-    return requests * output_len / (time.perf_counter() - start)
+
+    def run(n: int) -> float:
+        for i in range(n):
+            engine.add_request(torch.randint(0, config.vocab_size, (128,), generator=gen).tolist(), params,
+                               f"r{time.perf_counter_ns()}-{i}")
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        torch.cuda.synchronize()
+        return n * output_len / (time.perf_counter() - start)
+
+    run(min(requests, 8))  # warm-up: Triton compiles, graphs are captured for the sizes it passes
+    return run(requests)
 
 
 class _ByteTokenizer:
@@ -84,11 +135,12 @@ class _ByteTokenizer:
 def transformers_throughput(config, device, batch: int, output_len: int = 128) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, max_position_embeddings=config.max_position,
-        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings)).to(device, torch.bfloat16)
+    with torch.device(device):
+        hf = LlamaForCausalLM(LlamaConfig(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+            num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads, max_position_embeddings=config.max_position,
+            rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings)).to(torch.bfloat16)
     ids = torch.randint(0, config.vocab_size, (batch, 128), device=device)
     hf.generate(ids[:, :8], max_new_tokens=4, do_sample=False)
     torch.cuda.synchronize()
@@ -99,24 +151,46 @@ def transformers_throughput(config, device, batch: int, output_len: int = 128) -
     return batch * output_len / (time.perf_counter() - start)
 
 
+def section(lines: list[str], title: str, produce) -> None:
+    """Run one part; a failure is recorded and the next part still runs."""
+    start = time.perf_counter()
+    try:
+        result = produce()
+        lines.extend(result if isinstance(result, list) else [result])
+    except Exception:
+        lines.append(f"- {title} FAILED:\n```\n{traceback.format_exc()}```")
+    print("\n".join(lines[-3:]), f"[{title}: {time.perf_counter() - start:.0f} s]", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = "cuda"
+    import triton
     llama = preset("llama-1b")
-    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
-    tok_s, fraction = decode_fraction(llama, device)
-    lines.append(f"- llama-1b bf16 batch-1 decode: {tok_s:.1f} tok/s = {fraction:.1%} of the HBM bandwidth limit")
-    ours = engine_throughput(llama, device, requests=64, max_num_seqs=64)
-    lines.append(f"- llama-1b bf16, 64 concurrent requests: kvserve engine {ours:.0f} output tok/s")
-    try:
+    lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", ""]
+    results: dict[str, float] = {}
+
+    def engine(key, *a, **kw):
+        results[key] = engine_throughput(*a, **kw)
+        return f"- {key}: kvserve engine {results[key]:.0f} output tok/s"
+
+    section(lines, "kernel", kernel_cases)
+    section(lines, "batch-1 decode", lambda: batch1_decode(llama, device))
+    section(lines, "engine graphs", lambda: engine("llama-1b bf16, 64 concurrent requests, CUDA graphs",
+                                                   llama, device, 64, 64))
+    section(lines, "engine eager", lambda: engine("llama-1b bf16, 64 concurrent requests, eager",
+                                                  llama, device, 64, 64, cuda_graphs=False))
+
+    def baseline():
         theirs = transformers_throughput(llama, device, 64)
-        lines.append(f"- transformers generate, batch 64: {theirs:.0f} output tok/s (ratio {ours / theirs:.1f}x)")
-    except Exception as exc:  # the baseline is optional on images without transformers
-        lines.append(f"- transformers baseline failed: {type(exc).__name__}: {exc}")
-    small = engine_throughput(preset("smollm2-135m"), device, requests=256, max_num_seqs=256)
-    lines.append(f"- smollm2-135m shape bf16, 256 requests: kvserve engine {small:.0f} output tok/s")
+        ours = results.get("llama-1b bf16, 64 concurrent requests, CUDA graphs", float("nan"))
+        return f"- transformers generate, batch 64: {theirs:.0f} output tok/s (kvserve / transformers {ours / theirs:.1f}x)"
+
+    section(lines, "transformers", baseline)
+    section(lines, "smollm2 engine", lambda: engine("smollm2-135m shape bf16, 256 requests, CUDA graphs",
+                                                    preset("smollm2-135m"), device, 256, 256))
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:

@@ -5,9 +5,11 @@ array of token slots, where slot = block_id * block_size + offset. A sequence's 
 blocks in order, so token position p lives in slot table[p // block_size] * block_size + p % block_size.
 
 A step packs many sequences: sequence i brings query_lens[i] new tokens and, after the step, has
-context_lens[i] tokens in the cache. Decode rows (one new token) are batched into one padded
-attention call; prefill chunks are attended one sequence at a time, where the loop costs nothing
-next to the work. Everything that does not depend on the layer is built once per step, here.
+context_lens[i] tokens in the cache. Decode rows (one new token) are attended together: by the Triton
+paged kernel (model/triton_decode.py) where it runs, reading K/V through the block tables, otherwise by
+one padded SDPA call over gathered K/V. Prefill chunks are attended one sequence at a time, where the
+loop costs nothing next to the work. Everything that does not depend on the layer is built once per
+step, here.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from model import triton_decode
 from model.config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (K, V), each (num_slots, n_kv, hd)
@@ -35,10 +38,14 @@ def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int,
 
 @dataclass
 class DecodeRows:
-    """Every one-token sequence of the step, attended in one padded call."""
+    """Every one-token sequence of the step, attended together."""
     token_index: torch.Tensor  # (Bd,) rows of the packed batch
-    kv_slots: torch.Tensor  # (Bd, max_ctx) cache slots of each row's context, padded
-    key_mask: torch.Tensor  # (Bd, 1, 1, max_ctx) True where the key may be attended
+    block_tables: torch.Tensor  # (Bd, width) int32 block ids of each row (the kernel's input)
+    context_lens: torch.Tensor  # (Bd,) int32
+    # The torch backend's padded gather; None when the kernel attends the rows.
+    kv_slots: torch.Tensor | None = None  # (Bd, max_ctx) cache slots of each row's context, padded
+    key_mask: torch.Tensor | None = None  # (Bd, 1, 1, max_ctx) True where the key may be attended
+    block_size: int = 16
 
 
 @dataclass
@@ -68,8 +75,10 @@ class AttentionMetadata:
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int],
               block_tables: list[list[int]] | None, block_size: int = 16,
-              sliding_window: int | None = None, device: torch.device | str = "cpu") -> AttentionMetadata:
-        """Metadata for one step. block_tables=None builds an uncached step (whole sequences)."""
+              sliding_window: int | None = None, device: torch.device | str = "cpu",
+              decode_kernel: bool | None = None) -> AttentionMetadata:
+        """Metadata for one step. block_tables=None builds an uncached step (whole sequences).
+        decode_kernel: attend decode rows with the Triton kernel (None: wherever it is available)."""
         if len(query_lens) != len(context_lens) or not query_lens:
             raise ValueError("query_lens and context_lens must be non-empty and of equal length")
         if any(q <= 0 or c < q for q, c in zip(query_lens, context_lens)):
@@ -93,7 +102,10 @@ class AttentionMetadata:
             torch.arange(len(query_lens), device=device), torch.tensor(query_lens, device=device)), block_size)
         decode_rows = [i for i, q in enumerate(query_lens) if q == 1]
         if decode_rows:
-            meta.decode = _decode_rows(decode_rows, ends, context_lens, tables, block_size, sliding_window, device)
+            if decode_kernel is None:
+                decode_kernel = triton_decode.available(device)
+            meta.decode = _decode_rows(decode_rows, ends, context_lens, tables, block_size, sliding_window,
+                                       device, decode_kernel)
         meta.prefills = _prefill_chunks(query_lens, context_lens, tables, block_size, sliding_window, device)
         return meta
 
@@ -115,13 +127,17 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
     return allowed
 
 
-def _decode_rows(rows, ends, context_lens, tables, block_size, window, device) -> DecodeRows:
+def _decode_rows(rows, ends, context_lens, tables, block_size, window, device, kernel: bool) -> DecodeRows:
     ctx = torch.tensor([context_lens[i] for i in rows], device=device)
-    k_pos = torch.arange(int(ctx.max()), device=device)[None, :]  # (1, max_ctx)
-    row_index = torch.tensor(rows, device=device)[:, None]
-    kv_slots = _slots(tables, k_pos.clamp(max=tables.shape[1] * block_size - 1), row_index, block_size)
-    mask = _allowed((ctx - 1)[:, None], k_pos, window) & (k_pos < ctx[:, None])
-    return DecodeRows((ends[rows] - 1).to(device), kv_slots, mask[:, None, None, :])
+    row_index = torch.tensor(rows, device=device)
+    decode = DecodeRows((ends[rows] - 1).to(device), tables.index_select(0, row_index).int(), ctx.int(),
+                        block_size=block_size)
+    if not kernel:
+        k_pos = torch.arange(int(ctx.max()), device=device)[None, :]  # (1, max_ctx)
+        decode.kv_slots = _slots(tables, k_pos.clamp(max=tables.shape[1] * block_size - 1),
+                                 row_index[:, None], block_size)
+        decode.key_mask = (_allowed((ctx - 1)[:, None], k_pos, window) & (k_pos < ctx[:, None]))[:, None, None, :]
+    return decode
 
 
 def _prefill_chunks(query_lens, context_lens, tables, block_size, window, device) -> list[PrefillChunk]:
@@ -162,7 +178,8 @@ def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: 
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     out = torch.empty_like(q)
     if meta.decode is not None:
-        out.index_copy_(0, meta.decode.token_index, _attend_decode(q, k_cache, v_cache, meta.decode, scale))
+        out.index_copy_(0, meta.decode.token_index,
+                        _attend_decode(q, k_cache, v_cache, meta.decode, scale, meta.sliding_window))
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
         out[rows] = _attend_chunk(q[rows], _gather(k_cache, chunk.kv_slots, q.dtype),
@@ -177,9 +194,13 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> tor
     return rows if rows.dtype == dtype else rows.to(dtype)
 
 
-def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float) -> torch.Tensor:
+def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float, window: int | None) -> torch.Tensor:
     n_kv, hd = k_cache.shape[1], k_cache.shape[2]
     bd = rows.token_index.shape[0]
+    if rows.kv_slots is None:
+        return triton_decode.paged_decode_attention(q.index_select(0, rows.token_index), k_cache, v_cache,
+                                                    rows.block_tables, rows.context_lens, rows.block_size,
+                                                    scale, window)
     # Group each KV head's query heads as the "query length" so GQA needs no K/V expansion.
     q_rows = q.index_select(0, rows.token_index).view(bd, n_kv, -1, hd)  # (Bd, n_kv, g, hd)
     k = _gather(k_cache, rows.kv_slots, q.dtype).transpose(1, 2)  # (Bd, n_kv, max_ctx, hd)

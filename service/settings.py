@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=0, description="waiting requests beyond this get 503")
     max_model_len: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = Field(True, description="replay GPU decode steps from CUDA graphs (--no-cuda-graphs: eager)")
     api_key: list[str] = Field(default_factory=list, description="accepted bearer keys (repeatable)")
     protect_health_and_metrics: bool = Field(False, description="require the API key on /health and /metrics too")
     cors_origins: list[str] = Field(default_factory=list)
@@ -85,7 +86,7 @@ class Settings(BaseSettings):
                             gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
                             max_queue=self.max_queue, enable_prefix_caching=self.enable_prefix_caching,
-                            seed=self.seed)
+                            cuda_graphs=self.cuda_graphs, seed=self.seed)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,4 +14,5 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's own context length
     max_queue: int = 512  # waiting requests beyond this are refused (EngineOverloaded)
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs on GPU (ignored on CPU)
     seed: int = 0

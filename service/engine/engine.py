@@ -49,10 +49,11 @@ class Engine:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         cache = plan_cache(loaded, config.block_size, config.kv_cache_memory, config.gpu_memory_utilization)
-        self.runner = Runner(loaded, cache, seed=config.seed)
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
+        self.runner = Runner(loaded, cache, seed=config.seed, cuda_graphs=config.cuda_graphs,
+                             max_batch=config.max_num_seqs, max_model_len=self.max_model_len)
         self.blocks = BlockManager(cache.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
         self.requests: dict[str, Request] = {}
         self.groups: dict[str, list[Request]] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from model import triton_decode
 from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
 from model.loading import LoadedModel
+from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.request import Request
 from service.engine.sampler import SampleResult, Sampler, SamplingRow
 
@@ -49,18 +51,27 @@ def plan_cache(loaded: LoadedModel, block_size: int, kv_cache_memory: int | None
 
 
 class Runner:
-    def __init__(self, loaded: LoadedModel, cache: CacheSize, seed: int = 0):
+    def __init__(self, loaded: LoadedModel, cache: CacheSize, seed: int = 0, cuda_graphs: bool = False,
+                 max_batch: int = 64, max_model_len: int | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.device
         self.cache = cache
-        self.kv_caches = allocate_kv_cache(loaded.config, cache.num_blocks, cache.block_size,
+        use_graphs = cuda_graphs and triton_decode.available(self.device)
+        # Graphs need one scratch block for their padding rows, past the blocks the engine hands out.
+        self.kv_caches = allocate_kv_cache(loaded.config, cache.num_blocks + use_graphs, cache.block_size,
                                            loaded.dtype, loaded.device)
+        self.graphs = None
+        if use_graphs:
+            max_len = max_model_len or loaded.config.max_position
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, cache.block_size, max_batch,
+                                       -(-max_len // cache.block_size), cache.num_blocks, self.device)
         self.sampler = Sampler(loaded.config.vocab_size, seed=seed)
         self.generators: dict[str, torch.Generator] = {}
-        log.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s, %s)", cache.num_blocks,
-                 cache.block_size, cache.num_tokens, cache.num_bytes / 2**20, loaded.dtype, self.device)
+        log.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s, %s, decode %s)", cache.num_blocks,
+                 cache.block_size, cache.num_tokens, cache.num_bytes / 2**20, loaded.dtype, self.device,
+                 "CUDA graphs" if self.graphs else "eager")
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
@@ -86,6 +97,10 @@ class Runner:
             context_lens.append(start + n)
             if start + n == request.num_tokens:
                 sample_rows.append(i)
+        if self.graphs is not None and len(sample_rows) == len(requests) == len(token_ids) \
+                and self.graphs.fits(len(requests)):
+            logits = self.graphs.run(token_ids, context_lens, block_tables)
+            return sample_rows, self.sampler(logits, self._sampling_rows(requests, sample_rows))
         meta = AttentionMetadata.build(num_new_tokens, context_lens, block_tables, self.cache.block_size,
                                        self.config.sliding_window, self.device)
         if not sample_rows:
@@ -95,6 +110,8 @@ class Runner:
             return [], None
         logits = self.model(torch.tensor(token_ids, device=self.device), meta, self.kv_caches,
                             logits_index=meta.logits_index[sample_rows])
-        rows = [SamplingRow(requests[i].params, requests[i].prompt_ids, requests[i].output_ids,
+        return sample_rows, self.sampler(logits, self._sampling_rows(requests, sample_rows))
+
+    def _sampling_rows(self, requests: list[Request], sample_rows: list[int]) -> list[SamplingRow]:
+        return [SamplingRow(requests[i].params, requests[i].prompt_ids, requests[i].output_ids,
                             self._generator(requests[i]), requests[i].stop_ids) for i in sample_rows]
-        return sample_rows, self.sampler(logits, rows)

@@ -1,0 +1,104 @@
+"""Decode steps replayed from CUDA graphs, one graph per padded batch size.
+
+A decode step of a small model is hundreds of tiny kernels; launched one by one from Python, the GPU
+waits on the CPU. A CUDA graph records the whole forward once and replays it with one launch. The
+graph's tensors are fixed, so every input lives in a static buffer sized for the largest batch and each
+step copies its rows in; a batch is padded up to the next captured size. Padding rows attend one key
+of a scratch block that the block manager never hands out, and write their K/V there too, so they can
+never touch a live sequence. Graphs are captured lazily, the first time a size is needed, and share one
+memory pool (only one replays at a time).
+
+Only possible because decode attention is the Triton paged kernel (model/triton_decode.py): its launch
+shape depends on the batch size alone, the context lengths are read from a tensor.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from model.attention import AttentionMetadata, DecodeRows, KVCache
+
+log = logging.getLogger("kvserve.cuda_graphs")
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    sizes = [size for size in (1, 2, 4, 8) if size < max_batch]
+    sizes += list(range(16, max_batch, 16))
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, kv_caches: list[KVCache], block_size: int,
+                 max_batch: int, max_blocks_per_seq: int, scratch_block: int, device: torch.device):
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.sizes = graph_batch_sizes(max_batch)
+        self.scratch_block = scratch_block
+        n, long = self.sizes[-1], dict(dtype=torch.long, device=device)
+        self.input_ids = torch.zeros(n, **long)
+        self.positions = torch.zeros(n, **long)
+        self.slot_mapping = torch.zeros(n, **long)
+        self.rows = torch.arange(n, **long)
+        self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def fits(self, batch: int) -> bool:
+        return batch <= self.sizes[-1]
+
+    def padded_size(self, batch: int) -> int:
+        return self.sizes[bisect.bisect_left(self.sizes, batch)]
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        decode = DecodeRows(self.rows[:size], self.block_tables[:size], self.context_lens[:size],
+                            block_size=self.block_size)
+        # The Python-side lengths only feed checks made while capturing; the graph reads the tensors.
+        return AttentionMetadata([1] * size, [1] * size, self.positions[:size], self.rows[:size],
+                                 self.slot_mapping[:size], decode, [], self.model.config.sliding_window)
+
+    def _stage(self, size: int, token_ids: list[int], context_lens: list[int],
+               block_tables: list[list[int]]) -> None:
+        """Copy a step's rows into the static buffers; rows past the batch point at the scratch block."""
+        pad = size - len(token_ids)
+        positions = [c - 1 for c in context_lens]
+        slots = [t[p // self.block_size] * self.block_size + p % self.block_size
+                 for t, p in zip(block_tables, positions)]
+        scratch_slot = self.scratch_block * self.block_size
+        width = max(len(t) for t in block_tables)
+        tables = [t + [self.scratch_block] * (width - len(t)) for t in block_tables]
+        tables += [[self.scratch_block] * width] * pad
+        self.input_ids[:size].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
+        self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slot_mapping[:size].copy_(torch.tensor(slots + [scratch_slot] * pad), non_blocking=True)
+        self.context_lens[:size].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32),
+                                       non_blocking=True)
+        # Columns past `width` may hold an older step's blocks; the kernel never reads past a row's context.
+        self.block_tables[:size, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        meta = self._metadata(size)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
+            for _ in range(2):
+                self.model(self.input_ids[:size], meta, self.kv_caches)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model(self.input_ids[:size], meta, self.kv_caches)
+        self.pool = graph.pool()
+        log.info("captured a CUDA graph for decode batches of %d", size)
+        return graph, logits
+
+    def run(self, token_ids: list[int], context_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits (batch, vocab) of one decode step: row i brings token_ids[i] at position
+        context_lens[i] - 1 of the sequence whose blocks are block_tables[i]."""
+        size = self.padded_size(len(token_ids))
+        self._stage(size, token_ids, context_lens, block_tables)
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[: len(token_ids)]

@@ -1,0 +1,124 @@
+"""The paged decode kernel against the torch backend. Run by test_triton_decode.py in a child process
+with TRITON_INTERPRET=1 (Triton reads it when the kernel is first built) on CPU, and on a CUDA device
+by the GPU test and bench/gpu_check.py. Prints one line per case, "name max_abs_diff", and exits
+non-zero on the first mismatch."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from model.attention import AttentionMetadata, allocate_kv_cache, paged_attention
+from model.config import tiny
+from model.loading import build_model
+from model.weights import random_weights
+
+ATOL = 1e-5  # fp32: the kernel and SDPA differ only by summation order
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+
+
+def attention_case(num_heads, num_kv_heads, head_dim, block_size, context_lens, window, seed=0):
+    """Random cache with shuffled blocks; one decode row per context length."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-c // block_size) for c in context_lens) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = []
+    for ctx in context_lens:
+        tables.append([order.pop() for _ in range(-(-ctx // block_size))])
+    shape = (num_blocks * block_size, num_kv_heads, head_dim)
+    cache = (torch.randn(shape, generator=gen).to(DEVICE), torch.randn(shape, generator=gen).to(DEVICE))
+    rows = len(context_lens)
+    q = torch.randn(rows, num_heads, head_dim, generator=gen).to(DEVICE)
+    k = torch.randn(rows, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    v = torch.randn(rows, num_kv_heads, head_dim, generator=gen).to(DEVICE)
+    outs = []
+    for kernel in (False, True):
+        kv = (cache[0].clone(), cache[1].clone())
+        meta = AttentionMetadata.build([1] * rows, context_lens, tables, block_size, window, DEVICE, kernel)
+        assert (meta.decode.kv_slots is None) == kernel
+        outs.append(paged_attention(q, k, v, kv, meta, head_dim ** -0.5))
+    return float((outs[0] - outs[1]).abs().max())
+
+
+def model_case(family_config):
+    """Three sequences decoded 6 steps by a tiny model: logits with the kernel == without."""
+    model = build_model(family_config, random_weights(family_config, seed=3), "random", torch.float32, DEVICE)
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
+    logits = []
+    for kernel in (False, True):
+        cache = allocate_kv_cache(family_config, 48, 4, torch.float32, DEVICE)
+        tables = [list(range(i, 48, 3)) for i in range(3)]  # interleaved blocks
+        lens = [len(p) for p in prompts]
+        ids = torch.tensor(sum(prompts, []), device=DEVICE)
+        meta = AttentionMetadata.build(lens, lens, tables, 4, family_config.sliding_window, DEVICE, kernel)
+        step_logits = [model(ids, meta, cache)]
+        for _ in range(6):
+            ids = step_logits[-1].argmax(-1)
+            lens = [n + 1 for n in lens]
+            meta = AttentionMetadata.build([1, 1, 1], lens, tables, 4, family_config.sliding_window, DEVICE,
+                                           kernel)
+            step_logits.append(model(ids, meta, cache))
+        logits.append(torch.stack(step_logits))
+    return float((logits[0] - logits[1]).abs().max())
+
+
+def graph_staging_case():
+    """The CUDA graphs' static buffers (service/engine/cuda_graphs.py), staged and run without capture:
+    a batch of 5, then 3 padded to 4 over the stale rows, give the logits of a plain step, and padding
+    rows write only into the scratch block."""
+    from service.engine.cuda_graphs import DecodeGraphs
+
+    config = tiny("smollm2-135m")
+    model = build_model(config, random_weights(config, seed=5), "random", torch.float32, DEVICE)
+    worst = 0.0
+    cache = allocate_kv_cache(config, 61, 4, torch.float32, DEVICE)  # block 60: scratch
+    graphs = DecodeGraphs(model, cache, 4, 8, 16, 60, torch.device(DEVICE))
+    for batch in ([3, 9, 20, 33, 7], [12, 40, 5]):
+        tables = [list(range(i, 60, 5))[:12] for i in range(len(batch))]
+        for table, n in zip(tables, batch):  # prefill each sequence but its last token
+            meta = AttentionMetadata.build([n - 1], [n - 1], [table], 4, None, DEVICE, True)
+            model(torch.arange(n - 1, device=DEVICE) + 7, meta, cache)
+        ids = [11 + i for i in range(len(batch))]
+        before = [c.clone() for c in cache[0]]
+        size = graphs.padded_size(len(ids))
+        graphs._stage(size, ids, batch, tables)
+        staged = model(graphs.input_ids[:size], graphs._metadata(size), cache)[: len(ids)]
+        scratch = slice(60 * 4, 61 * 4)
+        touched = [(a != b).any(-1).any(-1).nonzero().flatten() for a, b in zip(before, cache[0])]
+        plain = model(torch.tensor(ids, device=DEVICE), AttentionMetadata.build(
+            [1] * len(ids), batch, tables, 4, None, DEVICE, True), cache)
+        worst = max(worst, float((staged - plain).abs().max()))
+        expected = sorted(t[(n - 1) // 4] * 4 + (n - 1) % 4 for t, n in zip(tables, batch))
+        written = [int(s) for s in touched[0] if not scratch.start <= s < scratch.stop]
+        if written != expected:  # K written anywhere but each row's own slot (or the scratch block)
+            return float("inf")
+    return worst
+
+
+CASES = {
+    "gqa-3": lambda: attention_case(9, 3, 64, 16, [1, 15, 16, 17, 33, 100], None),
+    "mqa": lambda: attention_case(4, 1, 32, 4, [1, 2, 31, 32, 70], None),
+    "mha": lambda: attention_case(4, 4, 16, 8, [5, 64, 65], None),
+    "head-dim-80": lambda: attention_case(4, 2, 80, 16, [7, 48], None),
+    "window-8": lambda: attention_case(4, 2, 16, 4, [1, 8, 9, 33, 70], 8),
+    "window-40": lambda: attention_case(6, 2, 32, 16, [39, 40, 41, 100], 40),
+    "model-llama-gqa": lambda: model_case(tiny("smollm2-135m")),
+    "model-mistral-window": lambda: model_case(tiny("mistral-7b")),
+    "model-gpt2-mha": lambda: model_case(tiny("gpt2")),
+    "graph-staging": graph_staging_case,
+}
+
+def main() -> None:
+    torch.set_grad_enabled(False)
+    if DEVICE == "cuda":  # fp32 matmuls exactly, not TF32, so ATOL means the same on both devices
+        torch.backends.cuda.matmul.allow_tf32 = False
+    for name, case in CASES.items():
+        diff = case()
+        print(name, f"{diff:.3g}", flush=True)
+        if not diff <= ATOL:
+            sys.exit(f"{name}: kernel and torch backend differ by {diff}")
+
+
+if __name__ == "__main__":
+    main()
