@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig, preset, tiny
+from model.quantization import quantize_model
 from model.gguf_weights import gguf_config, gguf_weights, metadata, open_gguf
 from model.hf_weights import hf_weights, read_hf_config
 from model.tokenizer import TextTokenizer, tokenizer_from_folder, tokenizer_from_gguf
@@ -38,6 +39,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     load_seconds: float
+    quantization: str | None = None
 
 
 def smollm2_path() -> Path:
@@ -96,9 +98,13 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], source: s
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu") -> LoadedModel:
+               device: str | torch.device = "cpu", quantization: str | None = None) -> LoadedModel:
+    """quantization="int4": the decoder's projections as 4-bit weights (CPU; see model/quantization.py)."""
     start = time.perf_counter()
     torch_dtype, device = parse_dtype(dtype), torch.device(device)
     config, weights, tokenizer, source = read_model(name)
     model = build_model(config, weights, source, torch_dtype, device)
-    return LoadedModel(model, config, tokenizer, source, torch_dtype, device, time.perf_counter() - start)
+    if quantization is not None:
+        quantize_model(model, quantization)
+    return LoadedModel(model, config, tokenizer, source, torch_dtype, device, time.perf_counter() - start,
+                       quantization)

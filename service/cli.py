@@ -88,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Before torch loads OpenMP: idle worker threads sleep instead of spinning. The engine shares its
-    # cores with the event loop (and often with other processes); with spinning workers a decode step
-    # on a busy 2-core machine took 5-40x longer. Set OMP_WAIT_POLICY yourself to override.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch loads OpenMP: worker threads spin only briefly (~10k iterations) between ops, then
+    # sleep. libgomp's default spins for long stretches, and a decode step on a busy 2-core machine took
+    # 5-40x longer; sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a wake-up per op, 1.8x slower
+    # single-stream when the machine is free (bench/results/cpu_fast_path.md). Set either variable
+    # yourself to override: PASSIVE is the safer choice on a host shared with other busy processes.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = "10000"
     args = build_parser().parse_args(argv)
     args.run(args)
 

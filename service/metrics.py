@@ -75,6 +75,7 @@ class Metrics:
         engine.refusal_listeners.append(self.observe_refused)
         self.info.info({"model": model_name, "source": engine.loaded.source,
                         "dtype": str(engine.loaded.dtype).removeprefix("torch."),
+                        "quantization": engine.loaded.quantization or "none",
                         "device": engine.loaded.device.type, "block_size": str(engine.blocks.block_size),
                         "version": version})
 

@@ -29,7 +29,10 @@ class Settings(BaseSettings):
 
     model: str = Field("smollm2", description="smollm2, a .gguf file, a Hugging Face folder or random:PRESET")
     served_model_name: str = Field("smollm2", description="the model name clients must send")
-    dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16")
+    dtype: str = Field("auto", description="auto (bfloat16; float32 on CPU without quantization), float32, "
+                       "bfloat16, float16")
+    quantization: str = Field("auto", description="auto (int4 on CPU, none on GPU), int4 (4-bit weight-only "
+                              "projections, CPU only), none")
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -61,6 +64,13 @@ class Settings(BaseSettings):
             parse_bytes(value)
         return value
 
+    @field_validator("quantization")
+    @classmethod
+    def _valid_quantization(cls, value: str) -> str:
+        if value not in ("auto", "int4", "none"):
+            raise ValueError("quantization must be auto, int4 or none")
+        return value
+
     @field_validator("dtype")
     @classmethod
     def _valid_dtype(cls, value: str) -> str:
@@ -74,10 +84,17 @@ class Settings(BaseSettings):
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
 
+    def resolved_quantization(self) -> str | None:
+        if self.quantization == "auto":
+            return None if self.resolved_device().startswith("cuda") else "int4"
+        return None if self.quantization == "none" else self.quantization
+
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.resolved_device().startswith("cuda") else "float32"
+        if self.resolved_device().startswith("cuda") or self.resolved_quantization():
+            return "bfloat16"
+        return "float32"
 
     def engine_config(self) -> EngineConfig:
         cpu = not self.resolved_device().startswith("cuda")

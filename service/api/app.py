@@ -31,8 +31,10 @@ def build_engine(settings: Settings) -> Engine:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    loaded = load_model(settings.model, settings.resolved_dtype(), settings.resolved_device())
-    log.info("loaded %s (%s, %s) in %.1f s", loaded.source, loaded.dtype, loaded.device, loaded.load_seconds)
+    loaded = load_model(settings.model, settings.resolved_dtype(), settings.resolved_device(),
+                        settings.resolved_quantization())
+    log.info("loaded %s (%s, %s, quantization %s) in %.1f s", loaded.source, loaded.dtype, loaded.device,
+             loaded.quantization, loaded.load_seconds)
     return Engine(loaded, settings.engine_config())
 
 
@@ -42,6 +44,7 @@ def _start_engine(state: ServerState, engine_factory: Callable[[Settings], Engin
         if state.settings.enable_metrics:
             metrics.attach(engine, state.settings.served_model_name, VERSION)
         state.model_info = {"dtype": str(engine.loaded.dtype).removeprefix("torch."),
+                            "quantization": engine.loaded.quantization,
                             "device": engine.loaded.device.type, "max_model_len": engine.max_model_len,
                             "kv_cache_tokens": engine.blocks.num_blocks * engine.blocks.block_size,
                             "version": VERSION, "source": engine.loaded.source}

@@ -5,8 +5,9 @@ waits on the CPU. A CUDA graph records the whole forward once and replays it wit
 graph's tensors are fixed, so every input lives in a static buffer sized for the largest batch and each
 step copies its rows in; a batch is padded up to the next captured size. Padding rows attend one key
 of a scratch block that the block manager never hands out, and write their K/V there too, so they can
-never touch a live sequence. Graphs are captured lazily, the first time a size is needed, and share one
-memory pool (only one replays at a time).
+never touch a live sequence. All sizes are captured at start-up, largest first, into one memory pool
+(only one graph replays at a time, so their intermediates can share it); each copies its logits into
+one static buffer, so a graph keeps nothing of its own alive.
 
 Only possible because decode attention is the Triton paged kernel (model/triton_decode.py): its launch
 shape depends on the batch size alone, the context lengths are read from a tensor.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 
 import torch
 
@@ -42,8 +44,20 @@ class DecodeGraphs:
         self.rows = torch.arange(n, **long)
         self.block_tables = torch.full((n, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.logits = torch.zeros(n, model.config.vocab_size, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every size now (their inputs point at the scratch block), so no request waits on a
+        capture later."""
+        start = time.perf_counter()
+        for size in reversed(self.sizes):
+            self._stage(size, [0], [1], [[self.scratch_block]])
+            self.graphs[size] = self._capture(size)
+        torch.cuda.synchronize()
+        log.info("captured CUDA graphs for decode batches of %s in %.1f s", self.sizes, time.perf_counter() - start)
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
@@ -77,7 +91,7 @@ class DecodeGraphs:
         # Columns past `width` may hold an older step's blocks; the kernel never reads past a row's context.
         self.block_tables[:size, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
 
-    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         meta = self._metadata(size)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -87,10 +101,9 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model(self.input_ids[:size], meta, self.kv_caches)
+            self.logits[:size].copy_(self.model(self.input_ids[:size], meta, self.kv_caches))
         self.pool = graph.pool()
-        log.info("captured a CUDA graph for decode batches of %d", size)
-        return graph, logits
+        return graph
 
     def run(self, token_ids: list[int], context_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits (batch, vocab) of one decode step: row i brings token_ids[i] at position
@@ -99,6 +112,5 @@ class DecodeGraphs:
         self._stage(size, token_ids, context_lens, block_tables)
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
-        graph, logits = self.graphs[size]
-        graph.replay()
-        return logits[: len(token_ids)]
+        self.graphs[size].replay()
+        return self.logits[: len(token_ids)]

@@ -67,6 +67,7 @@ class Runner:
             max_len = max_model_len or loaded.config.max_position
             self.graphs = DecodeGraphs(self.model, self.kv_caches, cache.block_size, max_batch,
                                        -(-max_len // cache.block_size), cache.num_blocks, self.device)
+            self.graphs.capture_all()
         self.sampler = Sampler(loaded.config.vocab_size, seed=seed)
         self.generators: dict[str, torch.Generator] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s, %s, decode %s)", cache.num_blocks,

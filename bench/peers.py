@@ -1,0 +1,137 @@
+"""kvserve beside llama.cpp's C++ llama-server: same machine, same GGUF file, same load, one run.
+
+Builds llama-server once (cached) from the llama.cpp source inside the llama-cpp-python sdist, starts it
+with parallel slots and continuous batching, then starts kvserve; drives each in turn with
+`kvserve bench` (streamed /v1/completions, random-word prompts of exactly --input-len tokens counted by
+the server's own /tokenize, --output-len tokens with ignore_eos, greedy) at each concurrency, and writes
+a side-by-side markdown table with kvserve/llama-server ratios. Servers run one at a time, never
+together, and are stopped by PID.
+
+    .venv/bin/python bench/peers.py                                  # ~10 minutes, plus ~7 to build
+    .venv/bin/python bench/peers.py --kvserve-flag=--threads=1       # any extra kvserve serve flags
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.loading import smollm2_path  # noqa: E402
+from tests.server_process import ServerProcess, free_port  # noqa: E402
+
+LLAMA_CPP_PYTHON = "0.3.36"
+CACHE = Path(os.environ.get("KVSERVE_PEERS_CACHE", Path.home() / ".cache" / "kvserve-peers"))
+
+
+def llama_server_binary() -> Path:
+    """Download the sdist and build the llama-server target once; later runs reuse the binary."""
+    source = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    binary = source / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(CACHE)], check=True)
+    with tarfile.open(sdist) as archive:
+        archive.extractall(CACHE, filter="data")
+    print("building llama-server (about 7 minutes on 2 cores)...", file=sys.stderr, flush=True)
+    subprocess.run(["cmake", "-S", str(source), "-B", str(source / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=ON", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_CURL=OFF"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(source / "build"), "--target", "llama-server",
+                    f"-j{os.cpu_count()}"], check=True, stdout=subprocess.DEVNULL)
+    return binary
+
+
+def llama_server(binary: Path, gguf: Path, slots: int, threads: int) -> ServerProcess:
+    # Each slot gets context / slots tokens: 512 holds a 128-token prompt and 128 more with room to spare.
+    port = free_port()
+    server = ServerProcess(command=[str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                    "-np", str(slots), "-c", str(512 * slots), "-t", str(threads),
+                                    "-tb", str(threads), "-cb", "--no-webui"])
+    server.port, server.url = port, f"http://127.0.0.1:{port}"
+    return server
+
+
+def bench(url: str, concurrency: int, args: argparse.Namespace, output: Path) -> dict:
+    num_prompts = max(args.min_prompts, args.waves * concurrency)
+    subprocess.run([sys.executable, "-m", "service", "bench", "--url", url, "--concurrency", str(concurrency),
+                    "--num-prompts", str(num_prompts), "--input-len", str(args.input_len), "--output-len",
+                    str(args.output_len), "--ignore-eos", "--warmup", "2", "--no-progress", "--output",
+                    str(output)], cwd=ROOT, check=True, stdout=sys.stderr)
+    output.with_suffix(".png").unlink(missing_ok=True)  # the JSON holds everything the table needs
+    return json.loads(output.read_text())
+
+
+def run_all(name: str, server: ServerProcess, args: argparse.Namespace, scratch: Path) -> dict[int, dict]:
+    results = {}
+    with server:
+        for concurrency in args.concurrency:
+            print(f"{name}: concurrency {concurrency}", file=sys.stderr, flush=True)
+            results[concurrency] = bench(server.url, concurrency, args, scratch / f"{name}_c{concurrency}.json")
+    return results
+
+
+def table(kv: dict[int, dict], peer: dict[int, dict]) -> list[str]:
+    lines = ["| clients | output tok/s kvserve | llama-server | ratio | TTFT p50 / p90 ms kvserve | llama-server "
+             "| ITL p50 / p90 ms kvserve | llama-server | failed kvserve / llama-server |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in kv:
+        a, b = kv[c]["summary"], peer[c]["summary"]
+
+        def pct(s, key):
+            return f"{s[key]['median']:.0f} / {s[key]['p90']:.0f}"
+        lines.append(f"| {c} | {a['output_token_throughput']:.1f} | {b['output_token_throughput']:.1f} | "
+                     f"{a['output_token_throughput'] / b['output_token_throughput']:.2f}x | {pct(a, 'ttft_ms')} | "
+                     f"{pct(b, 'ttft_ms')} | {pct(a, 'itl_ms')} | {pct(b, 'itl_ms')} | "
+                     f"{a['failed']} / {b['failed']} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--waves", type=int, default=2, help="requests per level = waves x concurrency ...")
+    parser.add_argument("--min-prompts", type=int, default=8, help="... but at least this many")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama-server -t and -tb")
+    parser.add_argument("--kvserve-flag", action="append", default=[], help="extra `kvserve serve` flag")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.md")
+    args = parser.parse_args()
+    binary, gguf = llama_server_binary(), smollm2_path()
+    scratch = args.out.with_suffix("")
+    scratch.mkdir(parents=True, exist_ok=True)
+    slots = max(args.concurrency)
+    kv_flags = ["--max-num-seqs", str(max(slots, 64)), *args.kvserve_flag]
+    started = time.strftime("%Y-%m-%d %H:%M")
+    load_before = os.getloadavg()
+    peer = run_all("llama-server", llama_server(binary, gguf, slots, args.threads), args, scratch)
+    kv = run_all("kvserve", ServerProcess(*kv_flags), args, scratch)
+    report = [f"# kvserve vs llama.cpp llama-server ({started})", "",
+              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+              f"before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}. Model file: {gguf.name}.",
+              f"Load: `kvserve bench`, streamed /v1/completions, {args.input_len}-token prompts (server-counted), "
+              f"{args.output_len} output tokens (ignore_eos), greedy, max({args.min_prompts}, {args.waves} x "
+              f"clients) requests per level.",
+              f"llama-server (llama-cpp-python {LLAMA_CPP_PYTHON} sdist): -np {slots} -c {512 * slots} "
+              f"-t {args.threads} -tb {args.threads} -cb. kvserve: `kvserve serve {' '.join(kv_flags)}` "
+              "(defaults otherwise).", "", *table(kv, peer), "",
+              f"Raw JSON per level: {scratch.name}/ beside this file."]
+    args.out.write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()
