@@ -53,7 +53,7 @@ class PrefillChunk:
     """One sequence's run of new tokens, attended on its own."""
     token_start: int
     num_tokens: int
-    kv_slots: torch.Tensor | None  # (ctx,) cache slots of the whole context; None when uncached
+    kv_slots: torch.Tensor | None  # (ctx,) cache slots of the context; None: the chunk is all of it
     mask: torch.Tensor | None  # (q, ctx) True where allowed; None for a plain causal square
 
 
@@ -145,7 +145,8 @@ def _prefill_chunks(query_lens, context_lens, tables, block_size, window, device
     for row, (q, ctx) in enumerate(zip(query_lens, context_lens)):
         if q > 1 or tables is None:
             k_pos = torch.arange(ctx, device=device)
-            slots = None if tables is None else _slots(tables, k_pos, torch.tensor(row), block_size)
+            # A chunk that is its sequence's whole context attends its own new K/V: no cache read.
+            slots = None if tables is None or ctx == q else _slots(tables, k_pos, torch.tensor(row), block_size)
             mask = None
             if window is not None or ctx != q:
                 mask = _allowed(k_pos[ctx - q:, None], k_pos[None, :], window)
@@ -169,10 +170,20 @@ def _attend_chunk(q, k, v, mask, scale) -> torch.Tensor:
 
 def uncached_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Each sequence attends only to its own new tokens: the no-cache reference."""
-    out = torch.empty_like(q)
+    return _attend_prefills(torch.empty_like(q), q, k, v, None, meta, scale)
+
+
+def _attend_prefills(out, q, k, v, kv_cache: KVCache | None, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+    """Each prefill chunk attends its context: its own new K/V, or the cache when it has a past."""
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        out[rows] = _attend_chunk(q[rows], k[rows], v[rows], chunk.mask, scale)
+        if chunk.kv_slots is None:
+            keys, values = k[rows], v[rows]
+        else:
+            keys = _gather(kv_cache[0], chunk.kv_slots, q.dtype)
+            values = _gather(kv_cache[1], chunk.kv_slots, q.dtype)
+        out[rows] = _attend_chunk(q[rows], keys, values, chunk.mask, scale)
     return out
 
 
@@ -185,11 +196,7 @@ def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: 
     if meta.decode is not None:
         out.index_copy_(0, meta.decode.token_index,
                         _attend_decode(q, k_cache, v_cache, meta.decode, scale, meta.sliding_window))
-    for chunk in meta.prefills:
-        rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
-        out[rows] = _attend_chunk(q[rows], _gather(k_cache, chunk.kv_slots, q.dtype),
-                                  _gather(v_cache, chunk.kv_slots, q.dtype), chunk.mask, scale)
-    return out
+    return _attend_prefills(out, q, k, v, kv_cache, meta, scale)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -34,7 +34,9 @@ def available(device: torch.device | str) -> bool:
 
 
 def _build_kernel(triton, tl):
-    @triton.jit
+    # The table's row stride is its width, which changes every eager step; specialising on it would
+    # compile the kernel again mid-serving.
+    @triton.jit(do_not_specialize=["stride_table_row"])
     def paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, ctx_ptr,
                             stride_q_row, stride_q_head, stride_slot, stride_kv_head,
                             stride_table_row, stride_o_row, stride_o_head, scale, window,
