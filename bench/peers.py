@@ -1,13 +1,14 @@
 """kvserve beside llama.cpp's C++ llama-server: same machine, same GGUF file, same load, one run.
 
 Builds llama-server once (cached) from the llama.cpp source inside the llama-cpp-python sdist, starts it
-with parallel slots and continuous batching, then starts kvserve; drives each in turn with
-`kvserve bench` (streamed /v1/completions, random-word prompts of exactly --input-len tokens counted by
-the server's own /tokenize, --output-len tokens with ignore_eos, greedy) at each concurrency, and writes
-a side-by-side markdown table with kvserve/llama-server ratios. Servers run one at a time, never
-together, and are stopped by PID.
+with parallel slots and continuous batching, and starts kvserve beside it (an idle server costs no CPU);
+then, --repeats times, for each concurrency, drives llama-server and then kvserve with `kvserve bench`
+(streamed /v1/completions, random-word prompts of exactly --input-len tokens counted by the server's own
+/tokenize, --output-len tokens with ignore_eos, greedy). Only one server is under load at a time, and the
+two alternate, so a drift in the shared machine's speed hits both alike. Writes a side-by-side markdown
+table of medians over the repeats with kvserve/llama-server ratios. Servers are stopped by PID.
 
-    .venv/bin/python bench/peers.py                                  # ~10 minutes, plus ~7 to build
+    .venv/bin/python bench/peers.py                                  # ~15 minutes, plus ~7 to build
     .venv/bin/python bench/peers.py --kvserve-flag=--threads=1       # any extra kvserve serve flags
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -64,38 +66,45 @@ def llama_server(binary: Path, gguf: Path, slots: int, threads: int) -> ServerPr
     return server
 
 
-def bench(url: str, concurrency: int, args: argparse.Namespace, output: Path) -> dict:
+def bench(url: str, concurrency: int, seed: int, args: argparse.Namespace, output: Path) -> dict:
+    """One load level. Both servers get the same seed, hence the same prompts; every level and round
+    gets its own, so neither server's prompt cache ever holds a prompt it is sent."""
     num_prompts = max(args.min_prompts, args.waves * concurrency)
     subprocess.run([sys.executable, "-m", "service", "bench", "--url", url, "--concurrency", str(concurrency),
                     "--num-prompts", str(num_prompts), "--input-len", str(args.input_len), "--output-len",
-                    str(args.output_len), "--ignore-eos", "--warmup", "2", "--no-progress", "--output",
-                    str(output)], cwd=ROOT, check=True, stdout=sys.stderr)
+                    str(args.output_len), "--ignore-eos", "--warmup", "2", "--seed", str(seed), "--no-progress",
+                    "--output", str(output)], cwd=ROOT, check=True, stdout=sys.stderr)
     output.with_suffix(".png").unlink(missing_ok=True)  # the JSON holds everything the table needs
     return json.loads(output.read_text())
 
 
-def run_all(name: str, server: ServerProcess, args: argparse.Namespace, scratch: Path) -> dict[int, dict]:
-    results = {}
-    with server:
-        for concurrency in args.concurrency:
-            print(f"{name}: concurrency {concurrency}", file=sys.stderr, flush=True)
-            results[concurrency] = bench(server.url, concurrency, args, scratch / f"{name}_c{concurrency}.json")
-    return results
+def median_summary(runs: list[dict]) -> dict:
+    """Per metric, the median over the repeats (each repeat is one `kvserve bench` summary)."""
+    summaries = [r["summary"] for r in runs]
+    throughputs = [s["output_token_throughput"] for s in summaries]
+    out = {"output_token_throughput": statistics.median(throughputs), "throughputs": throughputs,
+           "failed": sum(s["failed"] for s in summaries)}
+    for key in ("ttft_ms", "itl_ms"):
+        out[key] = {p: statistics.median(s[key][p] for s in summaries) for p in ("median", "p90")}
+    return out
 
 
 def table(kv: dict[int, dict], peer: dict[int, dict]) -> list[str]:
     lines = ["| clients | output tok/s kvserve | llama-server | ratio | TTFT p50 / p90 ms kvserve | llama-server "
-             "| ITL p50 / p90 ms kvserve | llama-server | failed kvserve / llama-server |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p50 / p90 ms kvserve | llama-server | kvserve runs | llama-server runs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in kv:
-        a, b = kv[c]["summary"], peer[c]["summary"]
+        a, b = kv[c], peer[c]
 
         def pct(s, key):
             return f"{s[key]['median']:.0f} / {s[key]['p90']:.0f}"
+
+        def runs(s):
+            failed = f" ({s['failed']} failed)" if s["failed"] else ""
+            return ", ".join(f"{t:.0f}" for t in s["throughputs"]) + failed
         lines.append(f"| {c} | {a['output_token_throughput']:.1f} | {b['output_token_throughput']:.1f} | "
                      f"{a['output_token_throughput'] / b['output_token_throughput']:.2f}x | {pct(a, 'ttft_ms')} | "
-                     f"{pct(b, 'ttft_ms')} | {pct(a, 'itl_ms')} | {pct(b, 'itl_ms')} | "
-                     f"{a['failed']} / {b['failed']} |")
+                     f"{pct(b, 'ttft_ms')} | {pct(a, 'itl_ms')} | {pct(b, 'itl_ms')} | {runs(a)} | {runs(b)} |")
     return lines
 
 
@@ -106,6 +115,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--waves", type=int, default=2, help="requests per level = waves x concurrency ...")
     parser.add_argument("--min-prompts", type=int, default=8, help="... but at least this many")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all levels; medians reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama-server -t and -tb")
     parser.add_argument("--kvserve-flag", action="append", default=[], help="extra `kvserve serve` flag")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "peers.md")
@@ -117,14 +127,24 @@ def main() -> None:
     kv_flags = ["--max-num-seqs", str(max(slots, 64)), *args.kvserve_flag]
     started = time.strftime("%Y-%m-%d %H:%M")
     load_before = os.getloadavg()
-    peer = run_all("llama-server", llama_server(binary, gguf, slots, args.threads), args, scratch)
-    kv = run_all("kvserve", ServerProcess(*kv_flags), args, scratch)
+    servers = {"llama-server": llama_server(binary, gguf, slots, args.threads), "kvserve": ServerProcess(*kv_flags)}
+    results: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in args.concurrency} for name in servers}
+    with servers["llama-server"], servers["kvserve"]:
+        for repeat in range(args.repeats):
+            for concurrency in args.concurrency:
+                for name, server in servers.items():
+                    print(f"round {repeat + 1}: {name} at concurrency {concurrency}", file=sys.stderr, flush=True)
+                    seed = 1000 * (repeat + 1) + concurrency
+                    results[name][concurrency].append(bench(server.url, concurrency, seed, args,
+                                                            scratch / f"{name}_c{concurrency}_r{repeat + 1}.json"))
+    kv = {c: median_summary(runs) for c, runs in results["kvserve"].items()}
+    peer = {c: median_summary(runs) for c, runs in results["llama-server"].items()}
     report = [f"# kvserve vs llama.cpp llama-server ({started})", "",
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
               f"before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}. Model file: {gguf.name}.",
               f"Load: `kvserve bench`, streamed /v1/completions, {args.input_len}-token prompts (server-counted), "
               f"{args.output_len} output tokens (ignore_eos), greedy, max({args.min_prompts}, {args.waves} x "
-              f"clients) requests per level.",
+              f"clients) requests per level; {args.repeats} rounds, servers alternating, medians shown.",
               f"llama-server (llama-cpp-python {LLAMA_CPP_PYTHON} sdist): -np {slots} -c {512 * slots} "
               f"-t {args.threads} -tb {args.threads} -cb. kvserve: `kvserve serve {' '.join(kv_flags)}` "
               "(defaults otherwise).", "", *table(kv, peer), "",
