@@ -46,7 +46,7 @@ class Int4Linear(nn.Module):
         n, k = linear.weight.shape
         if k % group_size:
             raise ValueError(f"int4 needs input widths divisible by {group_size}, got {k}")
-        codes, scale, low = quantize_groups(linear.weight, group_size)
+        codes, scale, low = quantize_groups(linear.weight.detach(), group_size)
         self.group_size, self.in_features, self.out_features = group_size, k, n
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         # The kernel computes (q - 8) * scale + zero, so zero = minimum + 8 * scale; layout (k/g, n, 2).
@@ -59,13 +59,16 @@ class Int4Linear(nn.Module):
                                                                   requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x16 = x.to(torch.bfloat16).contiguous()
+        # A decode step makes ~120 of these calls: skip the conversions that would be no-ops.
+        x16 = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if x16.shape[0] >= DENSE_FROM_TOKENS:
-            return F.linear(x16, self.dense, self.bias).to(x.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, self.packed, self.group_size, self.scales_and_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
+            y = F.linear(x16, self.dense, self.bias)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16.contiguous(), self.packed, self.group_size,
+                                                          self.scales_and_zeros)
+            if self.bias is not None:
+                y = y + self.bias
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
