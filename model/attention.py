@@ -40,12 +40,13 @@ def allocate_kv_cache(config: ModelConfig, num_blocks: int, block_size: int,
 class DecodeRows:
     """Every one-token sequence of the step, attended together."""
     token_index: torch.Tensor  # (Bd,) rows of the packed batch
-    block_tables: torch.Tensor  # (Bd, width) int32 block ids of each row (the kernel's input)
-    context_lens: torch.Tensor  # (Bd,) int32
+    block_size: int
+    # The Triton kernel's inputs; None for the torch backend.
+    block_tables: torch.Tensor | None = None  # (Bd, width) int32 block ids of each row
+    context_lens: torch.Tensor | None = None  # (Bd,) int32
     # The torch backend's padded gather; None when the kernel attends the rows.
     kv_slots: torch.Tensor | None = None  # (Bd, max_ctx) cache slots of each row's context, padded
     key_mask: torch.Tensor | None = None  # (Bd, 1, 1, max_ctx) True where the key may be attended
-    block_size: int = 16
 
 
 @dataclass
@@ -97,7 +98,7 @@ class AttentionMetadata:
             # A short table would be padded with block 0 and silently write into another sequence.
             raise ValueError(f"block_tables must cover context_lens={context_lens} in blocks of "
                              f"{block_size}, got {[len(t) for t in block_tables]} blocks")
-        tables = _pad_tables(block_tables, device)
+        tables = pad_block_tables(block_tables, device)
         meta.slot_mapping = _slots(tables, positions, torch.repeat_interleave(
             torch.arange(len(query_lens), device=device), torch.tensor(query_lens, device=device)), block_size)
         decode_rows = [i for i, q in enumerate(query_lens) if q == 1]
@@ -110,9 +111,10 @@ class AttentionMetadata:
         return meta
 
 
-def _pad_tables(block_tables: list[list[int]], device) -> torch.Tensor:
+def pad_block_tables(block_tables: list[list[int]], device, fill: int = 0) -> torch.Tensor:
+    """(rows, longest table) block ids, short tables padded with `fill`."""
     width = max(1, max(len(t) for t in block_tables))
-    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+    return torch.tensor([t + [fill] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -130,14 +132,13 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
 def _decode_rows(rows, ends, context_lens, tables, block_size, window, device, kernel: bool) -> DecodeRows:
     ctx = torch.tensor([context_lens[i] for i in rows], device=device)
     row_index = torch.tensor(rows, device=device)
-    decode = DecodeRows((ends[rows] - 1).to(device), tables.index_select(0, row_index).int(), ctx.int(),
-                        block_size=block_size)
-    if not kernel:
-        k_pos = torch.arange(int(ctx.max()), device=device)[None, :]  # (1, max_ctx)
-        decode.kv_slots = _slots(tables, k_pos.clamp(max=tables.shape[1] * block_size - 1),
-                                 row_index[:, None], block_size)
-        decode.key_mask = (_allowed((ctx - 1)[:, None], k_pos, window) & (k_pos < ctx[:, None]))[:, None, None, :]
-    return decode
+    token_index = (ends[rows] - 1).to(device)
+    if kernel:
+        return DecodeRows(token_index, block_size, tables.index_select(0, row_index).int(), ctx.int())
+    k_pos = torch.arange(int(ctx.max()), device=device)[None, :]  # (1, max_ctx)
+    kv_slots = _slots(tables, k_pos.clamp(max=tables.shape[1] * block_size - 1), row_index[:, None], block_size)
+    key_mask = _allowed((ctx - 1)[:, None], k_pos, window) & (k_pos < ctx[:, None])
+    return DecodeRows(token_index, block_size, kv_slots=kv_slots, key_mask=key_mask[:, None, None, :])
 
 
 def _prefill_chunks(query_lens, context_lens, tables, block_size, window, device) -> list[PrefillChunk]:

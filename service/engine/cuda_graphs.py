@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from model.attention import AttentionMetadata, DecodeRows, KVCache
+from model.attention import AttentionMetadata, DecodeRows, KVCache, pad_block_tables
 
 log = logging.getLogger("kvserve.cuda_graphs")
 
@@ -66,8 +66,7 @@ class DecodeGraphs:
         return self.sizes[bisect.bisect_left(self.sizes, batch)]
 
     def _metadata(self, size: int) -> AttentionMetadata:
-        decode = DecodeRows(self.rows[:size], self.block_tables[:size], self.context_lens[:size],
-                            block_size=self.block_size)
+        decode = DecodeRows(self.rows[:size], self.block_size, self.block_tables[:size], self.context_lens[:size])
         # The Python-side lengths only feed checks made while capturing; the graph reads the tensors.
         return AttentionMetadata([1] * size, [1] * size, self.positions[:size], self.rows[:size],
                                  self.slot_mapping[:size], decode, [], self.model.config.sliding_window)
@@ -80,16 +79,15 @@ class DecodeGraphs:
         slots = [t[p // self.block_size] * self.block_size + p % self.block_size
                  for t, p in zip(block_tables, positions)]
         scratch_slot = self.scratch_block * self.block_size
-        width = max(len(t) for t in block_tables)
-        tables = [t + [self.scratch_block] * (width - len(t)) for t in block_tables]
-        tables += [[self.scratch_block] * width] * pad
+        tables = pad_block_tables(block_tables + [[self.scratch_block]] * pad, "cpu", fill=self.scratch_block)
         self.input_ids[:size].copy_(torch.tensor(token_ids + [0] * pad), non_blocking=True)
         self.positions[:size].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         self.slot_mapping[:size].copy_(torch.tensor(slots + [scratch_slot] * pad), non_blocking=True)
         self.context_lens[:size].copy_(torch.tensor(context_lens + [1] * pad, dtype=torch.int32),
                                        non_blocking=True)
-        # Columns past `width` may hold an older step's blocks; the kernel never reads past a row's context.
-        self.block_tables[:size, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        # Columns past this step's width may hold an older step's blocks; the kernel never reads past a
+        # row's context.
+        self.block_tables[:size, : tables.shape[1]].copy_(tables, non_blocking=True)
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         meta = self._metadata(size)
