@@ -38,9 +38,11 @@ def kernel_cases() -> str:
     torch.backends.cuda.matmul.allow_tf32 = False
     diffs = {name: case() for name, case in cases.CASES.items()}
     torch.backends.cuda.matmul.allow_tf32 = True
+    failed = [name for name, diff in diffs.items() if not diff <= cases.tolerance(name)]
     worst = max(diffs, key=diffs.get)
-    verdict = "PASS" if diffs[worst] <= cases.ATOL else "FAIL"
-    return f"- paged decode kernel vs torch backend, {len(diffs)} fp32 cases: {verdict} (worst {worst}: {diffs[worst]:.2g})"
+    verdict = f"FAIL ({', '.join(failed)})" if failed else "PASS"
+    return (f"- Triton kernels (paged decode, split context, fused ops) vs torch, {len(diffs)} cases: {verdict} "
+            f"(largest difference {worst}: {diffs[worst]:.2g})")
 
 
 def _median_step(step, n: int = 64) -> float:

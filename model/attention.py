@@ -68,6 +68,7 @@ class AttentionMetadata:
     decode: DecodeRows | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     sliding_window: int | None = None  # the window the masks were built for; the model checks it
+    triton_kernels: bool = False  # decode attention and the fused elementwise ops run as Triton kernels
 
     @property
     def num_tokens(self) -> int:
@@ -77,9 +78,10 @@ class AttentionMetadata:
     def build(cls, query_lens: list[int], context_lens: list[int],
               block_tables: list[list[int]] | None, block_size: int = 16,
               sliding_window: int | None = None, device: torch.device | str = "cpu",
-              decode_kernel: bool | None = None) -> AttentionMetadata:
+              triton_kernels: bool | None = None) -> AttentionMetadata:
         """Metadata for one step. block_tables=None builds an uncached step (whole sequences).
-        decode_kernel: attend decode rows with the Triton kernel (None: wherever it is available)."""
+        triton_kernels: attend decode rows with the Triton kernel and run the fused elementwise ones
+        (None: wherever they are available). An uncached step is the torch reference, always."""
         if len(query_lens) != len(context_lens) or not query_lens:
             raise ValueError("query_lens and context_lens must be non-empty and of equal length")
         if any(q <= 0 or c < q for q, c in zip(query_lens, context_lens)):
@@ -101,12 +103,13 @@ class AttentionMetadata:
         tables = pad_block_tables(block_tables, device)
         meta.slot_mapping = _slots(tables, positions, torch.repeat_interleave(
             torch.arange(len(query_lens), device=device), torch.tensor(query_lens, device=device)), block_size)
+        if triton_kernels is None:
+            triton_kernels = triton_decode.available(device)
+        meta.triton_kernels = triton_kernels
         decode_rows = [i for i, q in enumerate(query_lens) if q == 1]
         if decode_rows:
-            if decode_kernel is None:
-                decode_kernel = triton_decode.available(device)
             meta.decode = _decode_rows(decode_rows, ends, context_lens, tables, block_size, sliding_window,
-                                       device, decode_kernel)
+                                       device, triton_kernels)
         meta.prefills = _prefill_chunks(query_lens, context_lens, tables, block_size, sliding_window, device)
         return meta
 
@@ -193,10 +196,18 @@ def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: 
     k_cache, v_cache = kv_cache
     k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    return attend_cached(q, k, v, kv_cache, meta, scale)
+
+
+def attend_cached(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attend every new token to its context, the step's K/V being in the cache already."""
+    if meta.decode is not None and not meta.prefills:
+        # Every token is a decode row, in order: no need to pick the rows out and put them back.
+        return _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window, every_row=True)
     out = torch.empty_like(q)
     if meta.decode is not None:
         out.index_copy_(0, meta.decode.token_index,
-                        _attend_decode(q, k_cache, v_cache, meta.decode, scale, meta.sliding_window))
+                        _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window))
     return _attend_prefills(out, q, k, v, kv_cache, meta, scale)
 
 
@@ -207,18 +218,19 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> tor
     return rows if rows.dtype == dtype else rows.to(dtype)
 
 
-def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float, window: int | None) -> torch.Tensor:
+def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float, window: int | None,
+                   every_row: bool = False) -> torch.Tensor:
     n_kv, hd = k_cache.shape[1], k_cache.shape[2]
     bd = rows.token_index.shape[0]
+    q_rows = q if every_row else q.index_select(0, rows.token_index)
     if rows.kv_slots is None:
-        return triton_decode.paged_decode_attention(q.index_select(0, rows.token_index), k_cache, v_cache,
-                                                    rows.block_tables, rows.context_lens, rows.block_size,
-                                                    scale, window)
+        return triton_decode.paged_decode_attention(q_rows, k_cache, v_cache, rows.block_tables,
+                                                    rows.context_lens, rows.block_size, scale, window)
     # CPU SDPA is ~3x slower on these small bfloat16 shapes than upcasting the gathered rows to float32
     # first (561 vs 164 + conversion us for 16 rows of 170 keys); float32 softmax is also the exact one.
     dtype = torch.float32 if q.device.type == "cpu" else q.dtype
     # Group each KV head's query heads as the "query length" so GQA needs no K/V expansion.
-    q_rows = q.index_select(0, rows.token_index).view(bd, n_kv, -1, hd).to(dtype)  # (Bd, n_kv, g, hd)
+    q_rows = q_rows.reshape(bd, n_kv, -1, hd).to(dtype)  # (Bd, n_kv, g, hd)
     k = _gather(k_cache, rows.kv_slots, dtype).transpose(1, 2)  # (Bd, n_kv, max_ctx, hd)
     v = _gather(v_cache, rows.kv_slots, dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=rows.key_mask, scale=scale)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import AttentionMetadata, KVCache, paged_attention, uncached_attention
+from model import triton_fused
+from model.attention import AttentionMetadata, KVCache, attend_cached, paged_attention, uncached_attention
 from model.config import ModelConfig
 
 
@@ -26,6 +27,17 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.hidden_size, config.norm_eps)
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after adding a sublayer's output (delta None: x as it is), and its
+    normalised copy; one Triton kernel for RMSNorm where `fused`."""
+    if fused and isinstance(norm, RMSNorm):
+        return triton_fused.add_rms_norm(x, delta, norm.weight, norm.eps)
+    if delta is not None:
+        x = x + delta
+    return x, norm(x)
 
 
 def sinusoidal_table(max_position: int, dim: int) -> torch.Tensor:
@@ -88,6 +100,10 @@ class Attention(nn.Module):
                 meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
         cfg = self.config
         qkv = self.qkv_proj(x)
+        if meta.triton_kernels and rope is not None and kv_cache is not None:
+            q, k, v = triton_fused.rope_store_kv(qkv, *rope, meta.slot_mapping, kv_cache, cfg.num_heads,
+                                                 cfg.num_kv_heads, cfg.head_dim)
+            return self.o_proj(attend_cached(q, k, v, kv_cache, meta, self.scale).reshape(-1, self.q_size))
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # Q and K heads rotated in one pass
@@ -110,9 +126,11 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, n_in * config.ffn_hidden_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         h = self.up_proj(x)
-        if self.activation == "swiglu":
+        if self.activation == "swiglu" and fused:
+            h = triton_fused.silu_and_mul(h)
+        elif self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.activation == "gelu":
@@ -133,9 +151,13 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = make_norm(config)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, rope, meta, kv_cache):
+    def forward(self, x, pending, rope, meta: AttentionMetadata, kv_cache):
+        """Returns (residual stream, pending): a pre-norm block leaves its feed-forward output for the
+        next norm to add (one fused add+norm kernel on GPU); a post-norm block's output is final."""
+        fused = meta.triton_kernels
         if self.pre_norm:
-            x = x + self.attn(self.attn_norm(x), rope, meta, kv_cache)
-            return x + self.ffn(self.ffn_norm(x))
+            x, h = add_and_norm(self.attn_norm, x, pending, fused)
+            x, h = add_and_norm(self.ffn_norm, x, self.attn(h, rope, meta, kv_cache), fused)
+            return x, self.ffn(h, fused)
         x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache))
-        return self.ffn_norm(x + self.ffn(x))
+        return self.ffn_norm(x + self.ffn(x, fused)), None

@@ -6,7 +6,7 @@ from torch import nn
 
 from model.attention import AttentionMetadata, KVCache
 from model.config import ModelConfig
-from model.layers import DecoderBlock, RotaryEmbedding, make_norm, sinusoidal_table
+from model.layers import DecoderBlock, RotaryEmbedding, add_and_norm, make_norm, sinusoidal_table
 
 
 class Transformer(nn.Module):
@@ -61,9 +61,12 @@ class Transformer(nn.Module):
         elif self.rotary is None:
             x = x + self.sinusoid[positions].to(x.dtype)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        pending = None  # a pre-norm block's last output, added by the next norm
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, meta, None if kv_caches is None else kv_caches[i])
-        x = x[meta.logits_index if logits_index is None else logits_index]
+            x, pending = layer(x, pending, rope, meta, None if kv_caches is None else kv_caches[i])
+        rows = meta.logits_index if logits_index is None else logits_index
+        x = x[rows]
         if self.final_norm is not None:
-            x = self.final_norm(x)
+            x = add_and_norm(self.final_norm, x, None if pending is None else pending[rows],
+                             meta.triton_kernels)[1]
         return self.lm_head(x).float()

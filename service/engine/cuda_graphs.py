@@ -10,7 +10,7 @@ never touch a live sequence. All sizes are captured at start-up, largest first, 
 one static buffer, so a graph keeps nothing of its own alive.
 
 Only possible because decode attention is the Triton paged kernel (model/triton_decode.py): its launch
-shape depends on the batch size alone, the context lengths are read from a tensor.
+shape depends on the batch size and the table width alone, the context lengths are read from a tensor.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ class DecodeGraphs:
         decode = DecodeRows(self.rows[:size], self.block_size, self.block_tables[:size], self.context_lens[:size])
         # The Python-side lengths only feed checks made while capturing; the graph reads the tensors.
         return AttentionMetadata([1] * size, [1] * size, self.positions[:size], self.rows[:size],
-                                 self.slot_mapping[:size], decode, [], self.model.config.sliding_window)
+                                 self.slot_mapping[:size], decode, [], self.model.config.sliding_window,
+                                 triton_kernels=True)
 
     def _stage(self, size: int, token_ids: list[int], context_lens: list[int],
                block_tables: list[list[int]]) -> None:

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from model import triton_decode
 from model.attention import AttentionMetadata, allocate_kv_cache, paged_attention
 from model.config import tiny
 from model.loading import build_model
@@ -38,7 +39,12 @@ def attention_case(num_heads, num_kv_heads, head_dim, block_size, context_lens, 
         meta = AttentionMetadata.build([1] * rows, context_lens, tables, block_size, window, DEVICE, kernel)
         assert (meta.decode.kv_slots is None) == kernel
         outs.append(paged_attention(q, k, v, kv, meta, head_dim ** -0.5))
-    return float((outs[0] - outs[1]).abs().max())
+    # The kernel with its context cut into runs: one, a few, and more runs than some rows have tiles.
+    for splits in (1, 2, 5):
+        outs.append(triton_decode.paged_decode_attention(
+            q, *kv, meta.decode.block_tables, meta.decode.context_lens, block_size, head_dim ** -0.5,
+            window, splits))
+    return max(float((outs[0] - out).abs().max()) for out in outs[1:])
 
 
 def model_case(family_config):
@@ -96,6 +102,47 @@ def graph_staging_case():
     return worst
 
 
+def fused_ops_case(dtype: torch.dtype) -> float:
+    """model/triton_fused.py against the torch code it replaces (model/layers.py): add + RMSNorm, RoPE
+    with the K/V cache write (shuffled slots, a head size whose half is not a power of two), SwiGLU's
+    product over more columns than one program takes. Returns the worst error relative to the largest
+    reference value."""
+    from model import triton_fused
+    from model.layers import RMSNorm, RotaryEmbedding, add_and_norm, apply_rope
+
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    def rel(ref, out):
+        return float((ref.float() - out.float()).abs().max() / ref.float().abs().max())
+
+    tokens, hidden, heads, kv_heads, hd = 7, 100, 6, 2, 80
+    norm = RMSNorm(hidden, 1e-5).to(DEVICE, dtype)
+    norm.weight.copy_(rand(hidden))
+    x, delta = rand(tokens, hidden), rand(tokens, hidden)
+    errors = []
+    for d in (None, delta):
+        ref, out = add_and_norm(norm, x, d, False), add_and_norm(norm, x, d, True)
+        errors += [rel(ref[0], out[0]), rel(ref[1], out[1])]
+    rotary = RotaryEmbedding(hd, 64, 10000.0).to(DEVICE)
+    cos, sin = rotary(torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE), dtype)
+    qkv = rand(tokens, (heads + 2 * kv_heads) * hd)
+    slots = torch.randperm(20, generator=gen)[:tokens].to(DEVICE)
+    caches = [(torch.zeros(20, kv_heads, hd, dtype=dtype, device=DEVICE),
+               torch.zeros(20, kv_heads, hd, dtype=dtype, device=DEVICE)) for _ in range(2)]
+    qk = apply_rope(qkv[:, : (heads + kv_heads) * hd].view(tokens, -1, hd), cos, sin)
+    caches[0][0].index_copy_(0, slots, qk[:, heads:])
+    caches[0][1].index_copy_(0, slots, qkv[:, (heads + kv_heads) * hd:].view(tokens, kv_heads, hd))
+    q, k, _ = triton_fused.rope_store_kv(qkv, cos, sin, slots, caches[1], heads, kv_heads, hd)
+    errors += [rel(qk[:, :heads], q), rel(qk[:, heads:], k), rel(caches[0][0], caches[1][0]),
+               rel(caches[0][1], caches[1][1])]
+    h = rand(tokens, 2 * 1500)
+    errors.append(rel(torch.nn.functional.silu(h[:, :1500]) * h[:, 1500:], triton_fused.silu_and_mul(h)))
+    return max(errors)
+
+
 CASES = {
     "gqa-3": lambda: attention_case(9, 3, 64, 16, [1, 15, 16, 17, 33, 100], None),
     "mqa": lambda: attention_case(4, 1, 32, 4, [1, 2, 31, 32, 70], None),
@@ -107,7 +154,16 @@ CASES = {
     "model-mistral-window": lambda: model_case(tiny("mistral-7b")),
     "model-gpt2-mha": lambda: model_case(tiny("gpt2")),
     "graph-staging": graph_staging_case,
+    "fused-ops-fp32": lambda: fused_ops_case(torch.float32),
+    "fused-ops-bf16": lambda: fused_ops_case(torch.bfloat16),
 }
+# bfloat16: the kernels round once where the torch ops round after every op (and Triton's interpreter
+# rounds toward zero); 1/64 is two steps of bfloat16's 8-bit mantissa near the largest value.
+TOLERANCE = {"fused-ops-bf16": 1 / 64}
+
+
+def tolerance(case: str) -> float:
+    return TOLERANCE.get(case, ATOL)
 
 def main() -> None:
     torch.set_grad_enabled(False)
@@ -116,7 +172,7 @@ def main() -> None:
     for name, case in CASES.items():
         diff = case()
         print(name, f"{diff:.3g}", flush=True)
-        if not diff <= ATOL:
+        if not diff <= tolerance(name):
             sys.exit(f"{name}: kernel and torch backend differ by {diff}")
 
 
