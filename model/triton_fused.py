@@ -55,7 +55,7 @@ def _build_kernels(triton, tl):
                              HALF_PAD: tl.constexpr):
         token = tl.program_id(0)
         head = tl.program_id(1)  # query heads first, then KV heads
-        half: tl.constexpr = HEAD_DIM // 2
+        half = HEAD_DIM // 2  # a compile-time constant, as HEAD_DIM is
         i = tl.arange(0, HALF_PAD)
         mask = i < half
         src = qkv_ptr + token * stride_qkv + head * HEAD_DIM
