@@ -1,7 +1,9 @@
 """The web playground in headless Chromium (Debian's, driven by Playwright) on the session `server`:
-send a message, watch the reply grow token by token, press Stop, and keep a screenshot."""
+send a message, watch the reply grow token by token, press Stop, and take a screenshot (into the test's
+temporary folder; KVSERVE_PLAYGROUND_SCREENSHOT=bench/results/playground.png refreshes the repo's)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from tests.server_process import REPO
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = REPO / "bench" / "results" / "playground.png"
+SCREENSHOT_ENV = "KVSERVE_PLAYGROUND_SCREENSHOT"
 
 sync_api = pytest.importorskip("playwright.sync_api")
 if not Path(CHROMIUM).exists():
@@ -35,7 +37,7 @@ def reply_length(page) -> int:
     return page.evaluate("document.querySelector('.message.assistant .content').textContent.length")
 
 
-def test_chat_streams_tokens_and_stop_aborts(server, page):
+def test_chat_streams_tokens_and_stop_aborts(server, page, tmp_path):
     page.goto(server.url + "/")
     sync_api.expect(page.locator("#model")).to_have_text("model: smollm2", timeout=30_000)
     page.fill("#system", "You are a storyteller who writes very long stories.")
@@ -59,8 +61,9 @@ def test_chat_streams_tokens_and_stop_aborts(server, page):
     stopped_at = reply_length(page)
     assert page.locator("#ttft").inner_text().endswith(" ms")
     assert int(page.locator("#tokens").inner_text()) >= 2 and page.locator("#tps").inner_text().endswith("tok/s")
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    screenshot = REPO / os.environ[SCREENSHOT_ENV] if SCREENSHOT_ENV in os.environ else tmp_path / "playground.png"
+    page.screenshot(path=str(screenshot))
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
     page.wait_for_timeout(500)
     assert reply_length(page) == stopped_at  # nothing arrives after Stop
 
