@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model import triton_decode  # noqa: E402
 from model.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.loading import build_model  # noqa: E402
@@ -61,7 +62,7 @@ def batch1_decode(config, device) -> list[str]:
     cache = allocate_kv_cache(config, 65, 16, torch.bfloat16, device)  # block 64: the graphs' scratch block
     table = list(range(64))
     graphs = DecodeGraphs(model, cache, 16, 8, 64, 64, torch.device(device))
-    lines = []
+    lines, splitting = [], triton_decode.PROGRAMS_PER_MULTIPROCESSOR
     with torch.inference_mode():
         model(torch.arange(128, device=device), AttentionMetadata.build([128], [128], [table], device=device), cache)
 
@@ -72,10 +73,17 @@ def batch1_decode(config, device) -> list[str]:
         def graph(i):
             return graphs.run([1], [129 + i], [table])
 
+        def graph_unsplit(i):  # the decode kernel without splitting the context, for comparison
+            return unsplit.run([1], [129 + i], [table])
+
+        triton_decode.PROGRAMS_PER_MULTIPROCESSOR = 0  # choose_splits -> 1 while these graphs capture
+        unsplit = DecodeGraphs(model, cache, 16, 1, 64, 64, torch.device(device))
+        unsplit.capture_all()
+        triton_decode.PROGRAMS_PER_MULTIPROCESSOR = splitting
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), 3.35e12)
-        for label, step in (("eager", eager), ("CUDA graph", graph)):
+        for label, step in (("eager", eager), ("CUDA graph", graph), ("CUDA graph, context not split", graph_unsplit)):
             tok_s = 1 / _median_step(step)
             lines.append(f"- llama-1b bf16 batch-1 decode, {label}: {tok_s:.0f} tok/s = "
                          f"{weight_bytes * tok_s / peak:.1%} of the HBM bandwidth limit "

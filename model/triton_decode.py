@@ -26,8 +26,8 @@ import torch
 
 TILE = 32  # context positions per loop iteration
 PROGRAMS_PER_MULTIPROCESSOR = 2  # splitting stops once rows x KV heads x splits fills the GPU this deep
-MAX_SPLITS = 32  # the merge holds every split's partial row at once; its padded count is a compile-time
-# constant, so eager steps compile it at most once per power of two up to this
+MAX_SPLITS = 32  # the merge holds this many partial rows at once (a compile-time constant, so a split
+# count that changes from step to step never compiles the merge again mid-serving)
 
 
 @functools.cache
@@ -163,6 +163,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("paged_decode_attention needs the head dimension contiguous")
     if splits is None:
         splits = choose_splits(rows, num_kv_heads, block_tables.shape[1] * block_size, q.device)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be in 1..{MAX_SPLITS}, got {splits}")
     out = torch.empty(rows, num_heads, head_dim, dtype=q.dtype, device=q.device)
     partials = stats = out  # unused unless split
     if splits > 1:
@@ -178,6 +180,5 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HAS_WINDOW=sliding_window is not None, SPLIT=splits > 1)
     if splits > 1:
         merge[(rows, num_heads)](partials, stats, out, out.stride(0), out.stride(1), splits,
-                                 HEAD_DIM=head_dim, HEAD_PAD=head_pad,
-                                 SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+                                 HEAD_DIM=head_dim, HEAD_PAD=head_pad, SPLITS_PAD=MAX_SPLITS)
     return out
