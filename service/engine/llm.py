@@ -36,11 +36,13 @@ class GenerationResult:
 
 
 class LLM:
-    """Runs the engine in the caller's thread until every prompt is done."""
+    """Runs the engine in the caller's thread until every prompt is done. The defaults are the exact
+    float32 reference; `dtype="bfloat16", quantization="int4"` is the server's fast CPU path."""
 
-    def __init__(self, model: str = "smollm2", dtype: str = "float32", device: str = "cpu", **engine_options):
+    def __init__(self, model: str = "smollm2", dtype: str = "float32", device: str = "cpu",
+                 quantization: str | None = None, **engine_options):
         engine_options.setdefault("max_queue", 1 << 30)  # an offline job queues everything at once
-        self.engine = Engine(load_model(model, dtype, device), EngineConfig(**engine_options))
+        self.engine = Engine(load_model(model, dtype, device, quantization), EngineConfig(**engine_options))
         self.tokenizer = self.engine.tokenizer
 
     def generate(self, prompts: list[str | list[int]] | str, params: SamplingParams | None = None,
