@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin 10k (kvserve default)": {"GOMP_SPINCOUNT": "10000"}}
-FORMATS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int4 + bfloat16": ("bfloat16", "int4")}
+INT4 = "int4 (8-bit head) + bfloat16"
+FORMATS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), INT4: ("bfloat16", "int4")}
 
 
 def measure(dtype: str, quantization: str | None) -> dict[int, float]:
@@ -73,7 +74,7 @@ def main() -> None:
         return
     rows, load = [], os.getloadavg()[0]
     for busy in (False, True):
-        for fmt in FORMATS if not busy else ["int4 + bfloat16"]:
+        for fmt in FORMATS if not busy else [INT4]:
             for policy in POLICIES:
                 speeds = run_child(fmt, policy, busy)
                 rows.append(f"| {fmt} | {policy} | {'one busy process' if busy else 'idle'} | "
