@@ -7,9 +7,10 @@ import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 
 from service.api import routes_misc, routes_openai, routes_playground, routes_tgi
 from service.api.errors import error_response, install_error_handlers
@@ -93,14 +94,7 @@ def _install_http_metrics(app: FastAPI, metrics: Metrics) -> None:
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        # The route template, never the raw path, keeps the label set bounded.
-        metrics.http_requests.labels(request.method, getattr(route, "path", "unmatched"),
-                                     str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountRequests, metrics=metrics)
 
 
 def _install_auth(app: FastAPI, settings: Settings) -> None:
@@ -111,20 +105,61 @@ def _install_auth(app: FastAPI, settings: Settings) -> None:
     if not settings.protect_health_and_metrics:
         open_paths |= {"/health", "/metrics"}
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        if request.url.path in open_paths or request.method == "OPTIONS" or (  # the playground page is public
-                request.method == "GET" and (request.url.path == "/" or request.url.path.startswith("/static/"))):
-            return await call_next(request)
-        header = request.headers.get("authorization", "")
+    app.add_middleware(RequireKey, keys=keys, open_paths=open_paths)
+
+
+# The middlewares below are plain ASGI: Starlette's @app.middleware("http") would pass every chunk of a
+# streamed response through an extra task and memory channel.
+class CountRequests:
+    """kvserve_http_requests_total by method, route template and status, once the response is done."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # an exception before the response started reaches the client as a 500
+
+        async def send_and_note_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            # The router stores the matched route in the scope; its template, never the raw path,
+            # keeps the label set bounded.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.http_requests.labels(scope["method"], route, str(status)).inc()
+
+
+class RequireKey:
+    """401 unless `Authorization: Bearer <key>` names one of the keys; open paths and the playground
+    page are public."""
+
+    def __init__(self, app, keys: list[bytes], open_paths: set[str]):
+        self.app, self.keys, self.open_paths = app, keys, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self._is_public(scope["method"], scope["path"]):
+            return await self.app(scope, receive, send)
+        header = Headers(scope=scope).get("authorization", "")
         given = header[7:].encode() if header.lower().startswith("bearer ") else b""
         # Compare against every key, always, so the time taken says nothing about which matched.
         matched = False
-        for key in keys:
+        for key in self.keys:
             matched |= hmac.compare_digest(given, key)
         if not matched:
-            return error_response(request.url.path, 401, "missing or invalid API key", None, "invalid_api_key")
-        return await call_next(request)
+            response = error_response(scope["path"], 401, "missing or invalid API key", None, "invalid_api_key")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _is_public(self, method: str, path: str) -> bool:
+        return path in self.open_paths or method == "OPTIONS" or (
+            method == "GET" and (path == "/" or path.startswith("/static/")))
 
 
 class BodySizeLimit:
