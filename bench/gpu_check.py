@@ -1,9 +1,10 @@
 """GPU check (one short run on a lent H100/H200): needs torch and triton (transformers for the baseline).
 
 0. The Triton paged decode kernel against the torch backend on the GPU (fp32, every case of the tests).
-1. Batch-1 decode of a 1B-parameter Llama-shaped bf16 model (random weights, preset llama-1b): eager
-   and replayed from a CUDA graph, as a fraction of the HBM bandwidth limit (every weight read once a
-   token); and the graph's logits against the eager forward's.
+1. Batch-1 decode of a 1B-parameter Llama-shaped bf16 model (random weights, preset llama-1b): eager,
+   replayed from a CUDA graph, and from a graph whose decode kernel does not split the context, as a
+   fraction of the HBM bandwidth limit (every weight read once a token); and the graph's logits against
+   the eager forward's.
 2. Output tok/s of the offline engine at 64 concurrent requests (CUDA graphs on and off) beside
    transformers' `generate` at batch 64 on the same GPU and the same shape (random weights in both).
 3. SmolLM2-shaped random bf16 engine throughput at 256 requests.

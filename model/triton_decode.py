@@ -4,7 +4,8 @@ The torch backend gathers every row's context into a padded copy before attendin
 costs as much memory traffic as the attention itself and its shape changes every step, which rules out
 CUDA graphs. These kernels walk the block table instead. One program handles one (row, KV head, split):
 it loads the row's group of query heads once (GQA/MQA need no K/V expansion) and streams its share of
-the context in tiles with an online softmax, so the launch shape depends only on the batch size.
+the context in tiles with an online softmax, so the launch shape depends only on the batch size and
+the block table's width.
 
 Splitting the context: a small batch gives the GPU a handful of programs (one row of an 8-KV-head model
 is 8), each walking the whole context alone while most multiprocessors idle. So when rows x KV heads
