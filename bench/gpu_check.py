@@ -2,9 +2,10 @@
 
 0. The Triton paged decode kernel against the torch backend on the GPU (fp32, every case of the tests).
 1. Batch-1 decode of a 1B-parameter Llama-shaped bf16 model (random weights, preset llama-1b): eager,
-   replayed from a CUDA graph, and from a graph whose decode kernel does not split the context, as a
-   fraction of the HBM bandwidth limit (every weight read once a token); and the graph's logits against
-   the eager forward's.
+   replayed from a CUDA graph, from a graph whose decode kernel does not split the context, and from one
+   whose projections all stay on cuBLAS, as a fraction of the HBM bandwidth limit (every weight read once
+   a token) and of the bandwidth a plain streaming read reaches; the start-up GEMV tuning (Triton vs
+   cuBLAS per projection shape); and the graph's logits against the eager forward's.
 2. Output tok/s of the offline engine at 64 concurrent requests (CUDA graphs on and off) beside
    transformers' `generate` at batch 64 on the same GPU and the same shape (random weights in both).
 3. SmolLM2-shaped random bf16 engine throughput at 256 requests.
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import triton_decode  # noqa: E402
+from model import triton_decode, triton_gemv  # noqa: E402
 from model.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.loading import build_model  # noqa: E402
@@ -62,7 +63,7 @@ def batch1_decode(config, device) -> list[str]:
     model = build_model(config, random_weights(config), "random", torch.bfloat16, device)
     cache = allocate_kv_cache(config, 65, 16, torch.bfloat16, device)  # block 64: the graphs' scratch block
     table = list(range(64))
-    graphs = DecodeGraphs(model, cache, 16, 8, 64, 64, torch.device(device))
+    graphs = DecodeGraphs(model, cache, 16, 8, 64, 64, torch.device(device))  # captured below
     lines, splitting = [], triton_decode.PROGRAMS_PER_MULTIPROCESSOR
     with torch.inference_mode():
         model(torch.arange(128, device=device), AttentionMetadata.build([128], [128], [table], device=device), cache)
@@ -77,18 +78,33 @@ def batch1_decode(config, device) -> list[str]:
         def graph_unsplit(i):  # the decode kernel without splitting the context, for comparison
             return unsplit.run([1], [129 + i], [table])
 
+        def graph_cublas(i):  # every projection on cuBLAS, for comparison
+            return cublas.run([1], [129 + i], [table])
+
         triton_decode.PROGRAMS_PER_MULTIPROCESSOR = 0  # choose_splits -> 1 while these graphs capture
         unsplit = DecodeGraphs(model, cache, 16, 1, 64, 64, torch.device(device))
         unsplit.capture_all()
         triton_decode.PROGRAMS_PER_MULTIPROCESSOR = splitting
+        candidates, triton_gemv.CANDIDATES = triton_gemv.CANDIDATES, ()  # tuning keeps cuBLAS everywhere
+        cublas = DecodeGraphs(model, cache, 16, 1, 64, 64, torch.device(device))
+        cublas.capture_all()
+        triton_gemv.CANDIDATES = candidates
+        graphs.capture_all()  # last, so the plans linear() keeps are the tuned ones again
+        lines += gemv_tuning_lines(graphs.gemv_tuning)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), 3.35e12)
-        for label, step in (("eager", eager), ("CUDA graph", graph), ("CUDA graph, context not split", graph_unsplit)):
+        streaming = streaming_read_bandwidth(device)
+        lines.append(f"- streaming read (torch sum over 4 GiB of bf16): {streaming / 1e12:.2f} TB/s = "
+                     f"{streaming / peak:.0%} of the {peak / 1e12:.2f} TB/s datasheet peak")
+        steps = (("eager", eager), ("CUDA graph", graph), ("CUDA graph, context not split", graph_unsplit),
+                 ("CUDA graph, projections all cuBLAS", graph_cublas))
+        for label, step in steps:
             tok_s = 1 / _median_step(step)
             lines.append(f"- llama-1b bf16 batch-1 decode, {label}: {tok_s:.0f} tok/s = "
                          f"{weight_bytes * tok_s / peak:.1%} of the HBM bandwidth limit "
-                         f"({weight_bytes / 1e9:.2f} GB of weights, {peak / 1e12:.2f} TB/s)")
+                         f"({weight_bytes / 1e9:.2f} GB of weights, {peak / 1e12:.2f} TB/s; "
+                         f"{weight_bytes * tok_s / streaming:.1%} of the streaming read)")
         # Same step both ways (it rewrites the same K/V): the graph must give the eager logits.
         tables = [table[:16], table[16:32], table[32:48]]
         ids, lens = [5, 6, 7], [100, 37, 250]
@@ -100,6 +116,25 @@ def batch1_decode(config, device) -> list[str]:
         diff = float((replayed - direct).abs().max())
         lines.append(f"- CUDA graph (batch 3 padded to 4) vs eager logits: max |diff| {diff:.3g} "
                      f"({'PASS' if diff <= 1e-2 * float(direct.abs().max()) else 'FAIL'})")
+    return lines
+
+
+def streaming_read_bandwidth(device) -> float:
+    """Bytes/s of a plain reduction over a tensor far larger than L2: what reading memory reaches here."""
+    data = torch.ones(2 << 30, dtype=torch.bfloat16, device=device)
+    seconds = _median_step(lambda i: data.sum(), 20)
+    nbytes = data.numel() * data.element_size()
+    del data
+    return nbytes / seconds
+
+
+def gemv_tuning_lines(results) -> list[str]:
+    lines = ["- start-up GEMV tuning, per projection shape (N, K) and rows, us per weight (TB/s):"]
+    for r in results:
+        chosen = f"Triton {r.best} {r.best_us:.1f} us ({r.weight_bytes / r.best_us / 1e6:.2f})" if r.best \
+            else "cuBLAS kept"
+        lines.append(f"  - {r.shape} x {r.rows}: cuBLAS {r.cublas_us:.1f} us "
+                     f"({r.weight_bytes / r.cublas_us / 1e6:.2f}); {chosen}")
     return lines
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import triton_fused
+from model import triton_fused, triton_gemv
 from model.attention import AttentionMetadata, KVCache, attend_cached, paged_attention, uncached_attention
 from model.config import ModelConfig
 
@@ -38,6 +38,14 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
     if delta is not None:
         x = x + delta
     return x, norm(x)
+
+
+def project(layer: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """layer(x); on the Triton path a plain nn.Linear goes through triton_gemv.linear, which uses its
+    kernel where start-up measurement found it faster than cuBLAS for this shape and row count."""
+    if fused and type(layer) is nn.Linear:
+        return triton_gemv.linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 def sinusoidal_table(max_position: int, dim: int) -> torch.Tensor:
@@ -98,22 +106,26 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
-        cfg = self.config
-        qkv = self.qkv_proj(x)
-        if meta.triton_kernels and rope is not None and kv_cache is not None:
+        cfg, fused = self.config, meta.triton_kernels
+        qkv = project(self.qkv_proj, x, fused)
+        if fused and rope is not None and kv_cache is not None:
             q, k, v = triton_fused.rope_store_kv(qkv, *rope, meta.slot_mapping, kv_cache, cfg.num_heads,
                                                  cfg.num_kv_heads, cfg.head_dim)
-            return self.o_proj(attend_cached(q, k, v, kv_cache, meta, self.scale).reshape(-1, self.q_size))
+            out = attend_cached(q, k, v, kv_cache, meta, self.scale)
+        else:
+            out = self._attend_torch(qkv, rope, meta, kv_cache)
+        return project(self.o_proj, out.reshape(-1, self.q_size), fused)
+
+    def _attend_torch(self, qkv, rope, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        cfg = self.config
         qk = qkv[:, : self.q_size + self.kv_size].view(-1, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # Q and K heads rotated in one pass
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]  # (T, nh, hd), (T, n_kv, hd)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, cfg.num_kv_heads, cfg.head_dim)
         if kv_cache is None:
-            out = uncached_attention(q, k, v, meta, self.scale)
-        else:
-            out = paged_attention(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+            return uncached_attention(q, k, v, meta, self.scale)
+        return paged_attention(q, k, v, kv_cache, meta, self.scale)
 
 
 class FeedForward(nn.Module):
@@ -127,7 +139,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        h = self.up_proj(x)
+        h = project(self.up_proj, x, fused)
         if self.activation == "swiglu" and fused:
             h = triton_fused.silu_and_mul(h)
         elif self.activation == "swiglu":
@@ -139,7 +151,7 @@ class FeedForward(nn.Module):
             h = F.gelu(h, approximate="tanh")
         else:
             h = F.relu(h)
-        return self.down_proj(h)
+        return project(self.down_proj, h, fused)
 
 
 class DecoderBlock(nn.Module):

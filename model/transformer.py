@@ -6,7 +6,7 @@ from torch import nn
 
 from model.attention import AttentionMetadata, KVCache
 from model.config import ModelConfig
-from model.layers import DecoderBlock, RotaryEmbedding, add_and_norm, make_norm, sinusoidal_table
+from model.layers import DecoderBlock, RotaryEmbedding, add_and_norm, make_norm, project, sinusoidal_table
 
 
 class Transformer(nn.Module):
@@ -69,4 +69,4 @@ class Transformer(nn.Module):
         if self.final_norm is not None:
             x = add_and_norm(self.final_norm, x, None if pending is None else pending[rows],
                              meta.triton_kernels)[1]
-        return self.lm_head(x).float()
+        return project(self.lm_head, x, meta.triton_kernels).float()

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from model import triton_gemv
 from model.attention import AttentionMetadata, DecodeRows, KVCache, pad_block_tables
 
 log = logging.getLogger("kvserve.cuda_graphs")
@@ -47,6 +48,7 @@ class DecodeGraphs:
         self.logits = torch.zeros(n, model.config.vocab_size, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self.gemv_tuning: list[triton_gemv.TuneResult] = []
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -57,7 +59,9 @@ class DecodeGraphs:
             self._stage(size, [0], [1], [[self.scratch_block]])
             self.graphs[size] = self._capture(size)
         torch.cuda.synchronize()
-        log.info("captured CUDA graphs for decode batches of %s in %.1f s", self.sizes, time.perf_counter() - start)
+        won = sum(result.best is not None for result in self.gemv_tuning)
+        log.info("captured CUDA graphs for decode batches of %s in %.1f s (Triton GEMV chosen for %d of %d "
+                 "small-batch projection shapes)", self.sizes, time.perf_counter() - start, won, len(self.gemv_tuning))
 
     def fits(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
@@ -91,6 +95,11 @@ class DecodeGraphs:
         self.block_tables[:size, : tables.shape[1]].copy_(tables, non_blocking=True)
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
+        # A small batch's projections: the Triton GEMV where it beats cuBLAS on this card, measured now.
+        for result in triton_gemv.tune_model(self.model, [size]):
+            self.gemv_tuning.append(result)
+            log.debug("projection %s x %d rows: cuBLAS %.1f us, %s %.1f us", result.shape, result.rows,
+                      result.cublas_us, result.best or "no kernel faster", result.best_us)
         meta = self._metadata(size)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

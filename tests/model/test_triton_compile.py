@@ -13,16 +13,20 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from model import triton_decode, triton_fused  # noqa: E402
+from model import triton_decode, triton_fused, triton_gemv  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Pointer arguments that are not in the model's dtype; everything else not listed is an int32 scalar.
 POINTER_TYPES = {"tables_ptr": "*i32", "ctx_ptr": "*i32", "slots_ptr": "*i64", "part_ptr": "*fp32",
                  "stats_ptr": "*fp32"}
 FLOAT_SCALARS = {"scale", "eps"}
+# Arguments that real launches pass as multiples of 16 (Triton specialises on that at run time; it is what
+# lets the GEMV's loads become pipelined asynchronous copies, so compile that variant).
+ALIGNED = {"x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "n", "k", "stride_x", "stride_w", "k_per_split"}
 
 DECODE, MERGE = triton_decode._kernels()
 ADD_RMS_NORM, ROPE_STORE_KV, SILU_AND_MUL = triton_fused._kernels()
+GEMV, GEMV_REDUCE = triton_gemv._kernels()
 VARIANTS = {  # kernel, its compile-time constants, as the wrappers pass them for real models
     **{f"decode-split{s}-window{w}": (DECODE, dict(GROUP=4, GROUP_PAD=4, HEAD_DIM=64, HEAD_PAD=64, BLOCK_SIZE=16,
                                                     TILE=triton_decode.TILE, HAS_WINDOW=w, SPLIT=s))
@@ -34,6 +38,11 @@ VARIANTS = {  # kernel, its compile-time constants, as the wrappers pass them fo
     "rms-norm": (ADD_RMS_NORM, dict(HAS_DELTA=False, BLOCK=1024)),
     "rope-store-kv": (ROPE_STORE_KV, dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=64, HALF_PAD=32)),
     "silu-and-mul": (SILU_AND_MUL, dict(BLOCK=triton_fused.SILU_BLOCK)),
+    **{f"gemv-{c.block_n}x{c.block_k}-split{c.split > 1}-bias{b}": (
+        GEMV, dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=c.split > 1, HAS_BIAS=b, EXACT=False))
+       for c in triton_gemv.CANDIDATES[:5] for b in (False, True)},
+    "gemv-exact": (GEMV, dict(BLOCK_N=16, BLOCK_K=256, SPLIT=True, HAS_BIAS=True, EXACT=True)),
+    "gemv-reduce": (GEMV_REDUCE, dict(HAS_BIAS=True, BLOCK=triton_gemv.REDUCE_BLOCK)),
 }
 
 
@@ -54,5 +63,10 @@ def signature(kernel, dtype: str) -> dict[str, str]:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_kernel_compiles_for_hopper(variant, dtype):
     kernel, constants = VARIANTS[variant]
-    compiled = triton.compile(ASTSource(kernel, signature(kernel, dtype), constants), target=HOPPER)
+    aligned, options = {}, {}
+    if kernel is GEMV:  # as gemv() launches it
+        aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if p.name in ALIGNED}
+        options = {"num_stages": triton_gemv.CANDIDATES[0].num_stages}
+    compiled = triton.compile(ASTSource(kernel, signature(kernel, dtype), constants, aligned), target=HOPPER,
+                              options=options)
     assert ".entry" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 0

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from model import triton_decode
+from model import triton_decode, triton_gemv
 from model.attention import AttentionMetadata, allocate_kv_cache, paged_attention
 from model.config import tiny
 from model.loading import build_model
@@ -47,9 +47,13 @@ def attention_case(num_heads, num_kv_heads, head_dim, block_size, context_lens, 
     return max(float((outs[0] - out).abs().max()) for out in outs[1:])
 
 
-def model_case(family_config):
-    """Three sequences decoded 6 steps by a tiny model: logits with the kernel == without."""
+def model_case(family_config, gemv=None):
+    """Three sequences decoded 6 steps by a tiny model: logits with the kernels == without. `gemv`: a
+    configuration of model/triton_gemv.py's kernel for every projection of the decode steps (3 rows)."""
     model = build_model(family_config, random_weights(family_config, seed=3), "random", torch.float32, DEVICE)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    for linear in linears:
+        triton_gemv.set_plan(linear.weight, linear.bias, 3, gemv)
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
     logits = []
     for kernel in (False, True):
@@ -66,6 +70,8 @@ def model_case(family_config):
                                            kernel)
             step_logits.append(model(ids, meta, cache))
         logits.append(torch.stack(step_logits))
+    for linear in linears:  # the choice is per process: leave the other cases on F.linear
+        triton_gemv.set_plan(linear.weight, linear.bias, 3, None)
     return float((logits[0] - logits[1]).abs().max())
 
 
@@ -143,6 +149,22 @@ def fused_ops_case(dtype: torch.dtype) -> float:
     return max(errors)
 
 
+def gemv_case(dtype: torch.dtype) -> float:
+    """model/triton_gemv.py's kernel against F.linear in float32: every candidate configuration, 1, 3 and
+    16 rows, shapes that are no multiple of the tiles, with and without bias. Returns the worst error
+    relative to the largest reference value."""
+    gen = torch.Generator().manual_seed(13)
+    worst = 0.0
+    for rows, n, k, with_bias in ((1, 100, 300, True), (3, 48, 2048, False), (16, 70, 520, True)):
+        x, w, b = (torch.randn(*shape, generator=gen).to(DEVICE, dtype) for shape in ((rows, k), (n, k), (n,)))
+        bias = b if with_bias else None
+        ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+        for config in triton_gemv.CANDIDATES:
+            out = triton_gemv.gemv(x, w, bias, config).float()
+            worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
+    return worst
+
+
 CASES = {
     "gqa-3": lambda: attention_case(9, 3, 64, 16, [1, 15, 16, 17, 33, 100], None),
     "mqa": lambda: attention_case(4, 1, 32, 4, [1, 2, 31, 32, 70], None),
@@ -156,10 +178,17 @@ CASES = {
     "graph-staging": graph_staging_case,
     "fused-ops-fp32": lambda: fused_ops_case(torch.float32),
     "fused-ops-bf16": lambda: fused_ops_case(torch.bfloat16),
+    "gemv-fp32": lambda: gemv_case(torch.float32),
+    # Triton's interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): float16 takes the same
+    # 16-bit tensor-core path there, bfloat16 is checked on a GPU.
+    "gemv-16bit": lambda: gemv_case(torch.bfloat16 if DEVICE == "cuda" else torch.float16),
+    "model-llama-gemv": lambda: model_case(tiny("smollm2-135m"), triton_gemv.CANDIDATES[4]),
+    "model-gpt2-gemv": lambda: model_case(tiny("gpt2"), triton_gemv.CANDIDATES[0]),
 }
 # bfloat16: the kernels round once where the torch ops round after every op (and Triton's interpreter
 # rounds toward zero); 1/64 is two steps of bfloat16's 8-bit mantissa near the largest value.
-TOLERANCE = {"fused-ops-bf16": 1 / 64}
+# A 16-bit output is rounded once: within one step of its 8 (bfloat16) or 11 (float16) bit mantissa.
+TOLERANCE = {"fused-ops-bf16": 1 / 64, "gemv-16bit": 1 / 128 if DEVICE == "cuda" else 1e-3}
 
 
 def tolerance(case: str) -> float:
