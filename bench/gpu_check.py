@@ -6,8 +6,9 @@
    whose projections all stay on cuBLAS, as a fraction of the HBM bandwidth limit (every weight read once
    a token) and of the bandwidth a plain streaming read reaches; the start-up GEMV tuning (Triton vs
    cuBLAS per projection shape); and the graph's logits against the eager forward's.
-2. Output tok/s of the offline engine at 64 concurrent requests (CUDA graphs on and off) beside
-   transformers' `generate` at batch 64 on the same GPU and the same shape (random weights in both).
+2. Output tok/s of the offline engine at 64 concurrent requests (CUDA graphs on and off; outputs
+   deferred to the next step or not) beside transformers' `generate` at batch 64 on the same GPU and the
+   same shape (random weights in both).
 3. SmolLM2-shaped random bf16 engine throughput at 256 requests.
 
     PYTHONPATH=. python bench/gpu_check.py --out $OUT/gpu_check.md
@@ -139,7 +140,7 @@ def gemv_tuning_lines(results) -> list[str]:
 
 
 def engine_throughput(config, device, requests: int, max_num_seqs: int, cuda_graphs: bool = True,
-                      output_len: int = 128) -> tuple[float, float]:
+                      output_len: int = 128, defer_outputs: bool = True) -> tuple[float, float]:
     """Output tok/s over the whole run (prefill included), and the median duration in seconds of a
     decode step with every request in the batch."""
     from model.loading import LoadedModel
@@ -152,7 +153,7 @@ def engine_throughput(config, device, requests: int, max_num_seqs: int, cuda_gra
                          torch.device(device), 0.0)
     engine = Engine(loaded, EngineConfig(kv_cache_memory=KV_CACHE_BYTES, max_num_seqs=max_num_seqs,
                                          max_num_batched_tokens=4096, max_queue=1 << 20,
-                                         cuda_graphs=cuda_graphs))
+                                         cuda_graphs=cuda_graphs, defer_outputs=defer_outputs))
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     steps = []
@@ -234,6 +235,9 @@ def main() -> None:
     section(lines, "batch-1 decode", lambda: batch1_decode(llama, device))
     section(lines, "engine graphs", lambda: engine("llama-1b bf16, 64 concurrent requests, CUDA graphs",
                                                    llama, device, 64, 64))
+    section(lines, "engine not deferred", lambda: engine(
+        "llama-1b bf16, 64 concurrent requests, CUDA graphs, outputs emitted before the next step",
+        llama, device, 64, 64, defer_outputs=False))
     section(lines, "engine eager", lambda: engine("llama-1b bf16, 64 concurrent requests, eager",
                                                   llama, device, 64, 64, cuda_graphs=False))
 

@@ -15,4 +15,7 @@ class EngineConfig:
     max_queue: int = 512  # waiting requests beyond this are refused (EngineOverloaded)
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs on GPU (ignored on CPU)
+    # Detokenize and emit a step's tokens while the device runs the next step (None: on a GPU only; on a
+    # CPU the next step is the CPU's own work, so deferring would only delay every token by a step).
+    defer_outputs: bool | None = None
     seed: int = 0

@@ -61,6 +61,8 @@ class Engine:
         self.step_listeners: list[Callable[[StepStats], None]] = []
         self.finish_listeners: list[Callable[[Request], None]] = []
         self.refusal_listeners: list[Callable[[str], None]] = []  # called with a reason
+        self.defer_outputs = loaded.device.type == "cuda" if config.defer_outputs is None else config.defer_outputs
+        self._deferred: list[tuple[Request, int, float | None, list | None]] = []  # (request, token, logprob, top)
         self._inbox: deque = deque()
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,6 +127,7 @@ class Engine:
                 self._wakeup.clear()
                 self._drain_inbox()
                 if not self.scheduler.has_work():
+                    self._emit_deferred()
                     self._wakeup.wait(0.5)
                     continue
                 self.step()
@@ -138,6 +141,10 @@ class Engine:
         self._fail_all(self.dead_reason, reason="abort")
 
     def _fail_all(self, message: str, reason: str = "error") -> None:
+        try:
+            self._emit_deferred()  # what the last step produced still reaches its streams
+        except Exception:
+            log.exception("could not emit the last step's outputs")
         self._drain_inbox()
         for request in list(self.requests.values()):
             self._finish(request, reason, error=message)
@@ -178,21 +185,28 @@ class Engine:
         self._drain_inbox()
         batch = self.scheduler.schedule()
         if not batch:
+            self._emit_deferred()
             return
         start = time.perf_counter()
         try:
             tables = [self.blocks.table(r.request_id) for r in batch.requests]
-            rows, result = self.runner.execute(batch.requests, batch.num_new_tokens, tables)
+            rows, pending = self.runner.execute(batch.requests, batch.num_new_tokens, tables)
+            self._emit_deferred()  # the last step's outputs, while the device runs this one
+            result = pending.resolve() if pending is not None else None
         except Exception as exc:  # a failed step fails only its own requests
             log.error("step failed:\n%s", traceback.format_exc())
             for request in batch.requests:
-                self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
+                if not request.is_finished:
+                    self._finish(request, "error", error=f"{type(exc).__name__}: {exc}")
             return
+        # A request can be finished already: a stop string found by _emit_deferred after this step began.
         for request, n in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += n
+            if not request.is_finished:
+                request.num_computed_tokens += n
         now = time.monotonic()
         for k, i in enumerate(rows):
-            self._append_token(batch.requests[i], result, k, now)
+            if not batch.requests[i].is_finished:
+                self._append_token(batch.requests[i], result, k, now)
         for request in batch.requests:
             if not request.is_finished and self.blocks.has_new_full_block(request.request_id,
                                                                           request.num_computed_tokens):
@@ -211,7 +225,24 @@ class Engine:
         request.token_times.append(now)
         if request.first_token_time is None:
             request.first_token_time = now
-        params = request.params
+        logprob = result.logprobs[k] if result.logprobs is not None else None
+        top = result.top_logprobs[k] if result.top_logprobs is not None else None
+        if self.defer_outputs and token not in request.stop_ids and not self._reached_length(request):
+            self._deferred.append((request, token, logprob, top))  # the scheduler needs only the id now
+        else:
+            self._emit_token(request, token, logprob, top)
+
+    def _reached_length(self, request: Request) -> bool:
+        return request.num_output_tokens >= request.params.max_tokens or request.num_tokens >= self.max_model_len
+
+    def _emit_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for request, token, logprob, top in deferred:
+            if not request.is_finished:  # not aborted meanwhile
+                self._emit_token(request, token, logprob, top)
+
+    def _emit_token(self, request: Request, token: int, logprob: float | None, top: list | None) -> None:
+        """Detokenize a request's newest token, check its stop strings and length, and send the output."""
         detok = self.detokenizers[request.request_id]
         reason = stop_reason = None
         if token in request.stop_ids:  # the sampler never picks one before min_tokens
@@ -220,10 +251,8 @@ class Engine:
             text = detok.add(token)
             if detok.stop_matched is not None:
                 reason, stop_reason = "stop", detok.stop_matched
-            elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            elif self._reached_length(request):
                 reason = "length"
-        logprob = result.logprobs[k] if result.logprobs is not None else None
-        top = result.top_logprobs[k] if result.top_logprobs is not None else None
         out = self._output(request, text, [token], None if logprob is None else [logprob],
                            None if top is None else [top])
         out.stop_reason = stop_reason

@@ -11,7 +11,7 @@ from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes
 from model.loading import LoadedModel
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.request import Request
-from service.engine.sampler import SampleResult, Sampler, SamplingRow
+from service.engine.sampler import PendingSample, Sampler, SamplingRow
 
 log = logging.getLogger("kvserve.runner")
 
@@ -88,9 +88,9 @@ class Runner:
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int],
-                block_tables: list[list[int]]) -> tuple[list[int], SampleResult | None]:
+                block_tables: list[list[int]]) -> tuple[list[int], PendingSample | None]:
         """Run one step. Returns the indices of the requests whose step reached their last token,
-        and the tokens sampled for them, in that order."""
+        and the tokens sampled for them, in that order (on a GPU still on their way: resolve() them)."""
         token_ids, context_lens, sample_rows = [], [], []
         for i, (request, n) in enumerate(zip(requests, num_new_tokens)):
             start = request.num_computed_tokens
@@ -101,7 +101,7 @@ class Runner:
         if self.graphs is not None and len(sample_rows) == len(requests) == len(token_ids) \
                 and self.graphs.fits(len(requests)):
             logits = self.graphs.run(token_ids, context_lens, block_tables)
-            return sample_rows, self.sampler(logits, self._sampling_rows(requests, sample_rows))
+            return sample_rows, self.sampler.sample(logits, self._sampling_rows(requests, sample_rows))
         meta = AttentionMetadata.build(num_new_tokens, context_lens, block_tables, self.cache.block_size,
                                        self.config.sliding_window, self.device)
         if not sample_rows:
@@ -111,7 +111,7 @@ class Runner:
             return [], None
         logits = self.model(torch.tensor(token_ids, device=self.device), meta, self.kv_caches,
                             logits_index=meta.logits_index[sample_rows])
-        return sample_rows, self.sampler(logits, self._sampling_rows(requests, sample_rows))
+        return sample_rows, self.sampler.sample(logits, self._sampling_rows(requests, sample_rows))
 
     def _sampling_rows(self, requests: list[Request], sample_rows: list[int]) -> list[SamplingRow]:
         return [SamplingRow(requests[i].params, requests[i].prompt_ids, requests[i].output_ids,

@@ -64,6 +64,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         """Pick one token per row. logits: (B, V) with V >= vocab_size, on any device."""
+        return self.sample(logits, rows).resolve()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
+        """As __call__, but on a GPU it returns once the work is queued: resolve() waits for the tokens."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be (num_rows={len(rows)}, vocab), got {tuple(logits.shape)}")
         for row in rows:
@@ -122,17 +126,39 @@ class Sampler:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def _result(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    def _result(self, raw: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
         asked = [row.params.logprobs for row in rows]
         if all(k is None for k in asked):
-            return SampleResult(tokens.tolist(), None, None)
+            return PendingSample(asked, tokens)
         logprobs = raw.log_softmax(dim=-1)  # (B, V)
         sampled = logprobs.gather(1, tokens[:, None]).squeeze(1)
         k_max = min(max(k or 0 for k in asked), logprobs.shape[1])
         top_values, top_ids = logprobs.topk(k_max, dim=-1)  # sorted descending
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        top = [list(zip(top_ids[i][:k], top_values[i][:k])) if k else [] for i, k in enumerate(asked)]
-        return SampleResult(tokens.tolist(), sampled.tolist(), top)
+        return PendingSample(asked, tokens, sampled, top_values, top_ids)
+
+
+class PendingSample:
+    """A step's sampled tokens (and logprobs) on their way to the host: the copies are queued behind the
+    step on the GPU, so the engine can do other work until resolve() waits for them (the one point a step
+    synchronises with the device)."""
+
+    def __init__(self, asked: list[int | None], *tensors: torch.Tensor):
+        self.asked = asked
+        self.host = [t.to("cpu", non_blocking=True) for t in tensors]  # pinned by torch for GPU sources
+        self.ready = None
+        if tensors and tensors[0].is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def resolve(self) -> SampleResult:
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = self.host[0].tolist()
+        if len(self.host) == 1:
+            return SampleResult(tokens, None, None)
+        sampled, top_values, top_ids = (t.tolist() for t in self.host[1:])
+        top = [list(zip(top_ids[i][:k], top_values[i][:k])) if k else [] for i, k in enumerate(self.asked)]
+        return SampleResult(tokens, sampled, top)
 
 
 def _is_greedy(params: SamplingParams) -> bool:
