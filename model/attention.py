@@ -87,9 +87,9 @@ class AttentionMetadata:
         if any(q <= 0 or c < q for q, c in zip(query_lens, context_lens)):
             raise ValueError(f"bad lengths: query_lens={query_lens} context_lens={context_lens}")
         starts = [c - q for q, c in zip(query_lens, context_lens)]
-        positions = torch.cat([torch.arange(s, c) for s, c in zip(starts, context_lens)]).to(device)
+        positions = to_device(torch.cat([torch.arange(s, c) for s, c in zip(starts, context_lens)]), device)
         ends = torch.tensor(query_lens).cumsum(0)
-        meta = cls(query_lens, context_lens, positions, (ends - 1).to(device), sliding_window=sliding_window)
+        meta = cls(query_lens, context_lens, positions, to_device(ends - 1, device), sliding_window=sliding_window)
         if block_tables is None:
             if starts != [0] * len(starts):
                 raise ValueError("an uncached step needs whole sequences (context_lens == query_lens)")
@@ -101,8 +101,8 @@ class AttentionMetadata:
             raise ValueError(f"block_tables must cover context_lens={context_lens} in blocks of "
                              f"{block_size}, got {[len(t) for t in block_tables]} blocks")
         tables = pad_block_tables(block_tables, device)
-        meta.slot_mapping = _slots(tables, positions, torch.repeat_interleave(
-            torch.arange(len(query_lens), device=device), torch.tensor(query_lens, device=device)), block_size)
+        token_rows = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
+        meta.slot_mapping = _slots(tables, positions, to_device(token_rows, device), block_size)
         if triton_kernels is None:
             triton_kernels = triton_decode.available(device)
         meta.triton_kernels = triton_kernels
@@ -114,10 +114,16 @@ class AttentionMetadata:
         return meta
 
 
+def to_device(data, device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor built on the host and copied without waiting for the device (a blocking copy would
+    synchronise with the GPU's queue; a step synchronises only to read its sampled tokens)."""
+    return torch.as_tensor(data, dtype=dtype).to(device, non_blocking=True)
+
+
 def pad_block_tables(block_tables: list[list[int]], device, fill: int = 0) -> torch.Tensor:
     """(rows, longest table) block ids, short tables padded with `fill`."""
     width = max(1, max(len(t) for t in block_tables))
-    return torch.tensor([t + [fill] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+    return to_device([t + [fill] * (width - len(t)) for t in block_tables], device)
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -133,12 +139,12 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
 
 
 def _decode_rows(rows, ends, context_lens, tables, block_size, window, device, kernel: bool) -> DecodeRows:
-    ctx = torch.tensor([context_lens[i] for i in rows], device=device)
-    row_index = torch.tensor(rows, device=device)
-    token_index = (ends[rows] - 1).to(device)
+    ctx = to_device([context_lens[i] for i in rows], device)
+    row_index = to_device(rows, device)
+    token_index = to_device(ends[rows] - 1, device)
     if kernel:
         return DecodeRows(token_index, block_size, tables.index_select(0, row_index).int(), ctx.int())
-    k_pos = torch.arange(int(ctx.max()), device=device)[None, :]  # (1, max_ctx)
+    k_pos = torch.arange(max(context_lens[i] for i in rows), device=device)[None, :]  # (1, max_ctx)
     kv_slots = _slots(tables, k_pos.clamp(max=tables.shape[1] * block_size - 1), row_index[:, None], block_size)
     key_mask = _allowed((ctx - 1)[:, None], k_pos, window) & (k_pos < ctx[:, None])
     return DecodeRows(token_index, block_size, kv_slots=kv_slots, key_mask=key_mask[:, None, None, :])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from model import triton_decode
-from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block
+from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block, to_device
 from model.loading import LoadedModel
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.request import Request
@@ -106,10 +106,10 @@ class Runner:
                                        self.config.sliding_window, self.device)
         if not sample_rows:
             # A step of prefill chunks only: fill the cache, skip the output head.
-            self.model(torch.tensor(token_ids, device=self.device), meta, self.kv_caches,
+            self.model(to_device(token_ids, self.device), meta, self.kv_caches,
                        logits_index=meta.logits_index[:0])
             return [], None
-        logits = self.model(torch.tensor(token_ids, device=self.device), meta, self.kv_caches,
+        logits = self.model(to_device(token_ids, self.device), meta, self.kv_caches,
                             logits_index=meta.logits_index[sample_rows])
         return sample_rows, self.sampler.sample(logits, self._sampling_rows(requests, sample_rows))
 

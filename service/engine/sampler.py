@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from model.attention import to_device
 from service.engine.request import SamplingParams
 
 # Below this a temperature is treated as greedy: dividing by it would overflow to inf and give NaNs.
@@ -176,12 +177,12 @@ def _is_stop_banned(row: SamplingRow) -> bool:
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    return to_device(values, device)
 
 
 def _values(values: list[float], device: torch.device) -> torch.Tensor:
     """A (n, 1) float column, to broadcast one parameter per row over the vocabulary."""
-    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)[:, None]
+    return to_device(values, device, torch.float32)[:, None]
 
 
 def _put(logits: torch.Tensor, cells: list[tuple[int, int, float]], accumulate: bool) -> None:
