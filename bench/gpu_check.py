@@ -130,12 +130,13 @@ def streaming_read_bandwidth(device) -> float:
 
 
 def gemv_tuning_lines(results) -> list[str]:
-    lines = ["- start-up GEMV tuning, per projection shape (N, K) and rows, us per weight (TB/s):"]
+    lines = ["- start-up GEMV tuning, per projection shape (N, K) and rows, us per weight (TB/s of its weight):"]
     for r in results:
         chosen = f"Triton {r.best} {r.best_us:.1f} us ({r.weight_bytes / r.best_us / 1e6:.2f})" if r.best \
-            else "cuBLAS kept"
-        lines.append(f"  - {r.shape} x {r.rows}: cuBLAS {r.cublas_us:.1f} us "
-                     f"({r.weight_bytes / r.cublas_us / 1e6:.2f}); {chosen}")
+            else "unfused kept"
+        unfused = "SwiGLU product kernel + linear" if r.silu_mul else "cuBLAS"
+        lines.append(f"  - {r.shape}{' with the product fused' if r.silu_mul else ''} x {r.rows}: {unfused} "
+                     f"{r.unfused_us:.1f} us ({r.weight_bytes / r.unfused_us / 1e6:.2f}); {chosen}")
     return lines
 
 

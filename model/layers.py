@@ -140,6 +140,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         h = project(self.up_proj, x, fused)
+        if self.activation == "swiglu" and fused and type(self.down_proj) is nn.Linear:
+            return triton_gemv.silu_mul_linear(h, self.down_proj.weight, self.down_proj.bias)
         if self.activation == "swiglu" and fused:
             h = triton_fused.silu_and_mul(h)
         elif self.activation == "swiglu":

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import triton_fused
 from model.triton_decode import import_triton
 
 log = logging.getLogger("kvserve.gemv")
@@ -49,7 +50,7 @@ CANDIDATES = tuple(GemvConfig(n, k, s) for n, k, s in (
     (16, 256, 2), (32, 256, 2), (16, 256, 4), (32, 128, 4), (16, 256, 8), (16, 128, 8),
 ))
 
-_plans: dict[tuple, GemvConfig | None] = {}  # (device, N, K, dtype, bias, rows) -> winner; None: cuBLAS
+_plans: dict[tuple, GemvConfig | None] = {}  # (device, N, K, dtype, bias, rows, silu_mul) -> winner or None
 
 
 @functools.cache
@@ -61,7 +62,7 @@ def _build_kernels(triton, tl):
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, rows, n, k, stride_x, stride_w, k_per_split,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    EXACT: tl.constexpr):
+                    EXACT: tl.constexpr, SILU_MUL: tl.constexpr):
         pid_n = tl.program_id(0)
         run = tl.program_id(1)
         m = tl.arange(0, 16)
@@ -73,8 +74,14 @@ def _build_kernels(triton, tl):
         for k0 in range(k_start, k_end, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             k_mask = kk < k_end
-            x = tl.load(x_ptr + m[:, None] * stride_x + kk[None, :], mask=(m < rows)[:, None] & k_mask[None, :],
-                        other=0.0)
+            x_at = x_ptr + m[:, None] * stride_x + kk[None, :]
+            x_mask = (m < rows)[:, None] & k_mask[None, :]
+            if SILU_MUL:  # x is [gate | up]: SwiGLU's product, rounded as triton_fused.silu_and_mul stores it
+                gate = tl.load(x_at, mask=x_mask, other=0.0).to(tl.float32)
+                up = tl.load(x_at + k, mask=x_mask, other=0.0).to(tl.float32)
+                x = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
+            else:
+                x = tl.load(x_at, mask=x_mask, other=0.0)
             w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + kk[None, :],
                         mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             if EXACT:  # float32 weights: full-precision products, not TF32
@@ -104,14 +111,17 @@ def _build_kernels(triton, tl):
     return gemv_kernel, reduce_kernel
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
-    """x (rows <= MAX_ROWS, K) @ weight (N, K)^T + bias, with one configuration of the kernel."""
-    rows, k = x.shape
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig,
+         silu_mul: bool = False) -> torch.Tensor:
+    """x (rows <= MAX_ROWS, K) @ weight (N, K)^T + bias, with one configuration of the kernel.
+    silu_mul: x is (rows, 2K) laid out [gate | up] and the product silu(gate) * up is multiplied."""
+    rows, k = x.shape[0], x.shape[1] // 2 if silu_mul else x.shape[1]
     n = weight.shape[0]
-    if rows > MAX_ROWS or weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1 \
-            or x.dtype != weight.dtype:
-        raise ValueError(f"gemv takes x (<= {MAX_ROWS}, K) and weight (N, K) of one dtype with contiguous rows, "
-                         f"got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    if rows > MAX_ROWS or weight.shape[1] != k or x.shape[1] != (2 * k if silu_mul else k) \
+            or x.stride(1) != 1 or weight.stride(1) != 1 or x.dtype != weight.dtype:
+        raise ValueError(f"gemv takes x (<= {MAX_ROWS}, K{' x 2' if silu_mul else ''}) and weight (N, K) of one "
+                         f"dtype with contiguous rows, got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} "
+                         f"{weight.dtype}")
     gemv_kernel, reduce_kernel = _kernels()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows == 0:
@@ -123,36 +133,53 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     gemv_kernel[(-(-n // config.block_n), splits)](
         x, weight, weight if bias is None else bias, out, partial, rows, n, k, x.stride(0), weight.stride(0),
         k_per_split, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=splits > 1, HAS_BIAS=bias is not None,
-        EXACT=weight.dtype == torch.float32, num_warps=config.num_warps, num_stages=config.num_stages)
+        EXACT=weight.dtype == torch.float32, SILU_MUL=silu_mul, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     if splits > 1:
         reduce_kernel[(rows, -(-n // REDUCE_BLOCK))](partial, weight if bias is None else bias, out, n, splits,
                                                      HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK)
     return out
 
 
-def _plan_key(weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> tuple:
-    return (weight.device, *weight.shape, weight.dtype, bias is not None, rows)
+def _plan_key(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, silu_mul: bool) -> tuple:
+    return (weight.device, *weight.shape, weight.dtype, bias is not None, rows, silu_mul)
+
+
+def _planned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_mul: bool) -> GemvConfig | None:
+    if x.shape[0] > MAX_ROWS or x.stride(1) != 1 or x.dtype != weight.dtype:
+        return None
+    return _plans.get(_plan_key(weight, bias, x.shape[0], silu_mul))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear, or the kernel where tune() found one faster for this shape and row count."""
-    config = _plans.get(_plan_key(weight, bias, x.shape[0])) if x.shape[0] <= MAX_ROWS else None
-    if config is None or x.stride(1) != 1 or x.dtype != weight.dtype:
-        return F.linear(x, weight, bias)
-    return gemv(x, weight, bias, config)
+    config = _planned(x, weight, bias, False)
+    return F.linear(x, weight, bias) if config is None else gemv(x, weight, bias, config)
 
 
-def set_plan(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, config: GemvConfig | None) -> None:
-    """Make linear() use `config` (None: F.linear) for this weight's shape, dtype and bias at `rows` rows."""
-    _plans[_plan_key(weight, bias, rows)] = config
+def silu_mul_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear(silu(gate) * up) for h (T, 2K) laid out [gate | up]: one kernel where tune() found that
+    faster than the product's own kernel followed by linear()."""
+    config = _planned(h, weight, bias, True)
+    if config is None:
+        return linear(triton_fused.silu_and_mul(h), weight, bias)
+    return gemv(h, weight, bias, config, silu_mul=True)
+
+
+def set_plan(weight: torch.Tensor, bias: torch.Tensor | None, rows: int, config: GemvConfig | None,
+             silu_mul: bool = False) -> None:
+    """Make linear() (silu_mul: silu_mul_linear()) use `config` (None: the unfused path) for this weight's
+    shape, dtype and bias at `rows` rows."""
+    _plans[_plan_key(weight, bias, rows, silu_mul)] = config
 
 
 @dataclass
 class TuneResult:
     shape: tuple[int, int]
     rows: int
-    cublas_us: float  # per weight, reading each in turn
-    best: GemvConfig | None  # None: cuBLAS stays
+    silu_mul: bool  # the down projection with SwiGLU's product fused in (against product kernel + linear())
+    unfused_us: float  # per weight, reading each in turn: cuBLAS (silu_mul: the product's kernel, then linear())
+    best: GemvConfig | None  # None: the unfused path stays
     best_us: float
     weight_bytes: int
 
@@ -180,34 +207,47 @@ def _replay_time(run, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def tune(weights: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int, repeats: int = 5) -> TuneResult:
-    """Time cuBLAS and every candidate on `rows` rows over `weights` (all of one shape, dtype and bias
-    presence), record the fastest for linear(), and say what was measured. CUDA only; not while capturing."""
+def tune(weights: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int, silu_mul: bool = False,
+         repeats: int = 5) -> TuneResult:
+    """Time the unfused path and every candidate on `rows` rows over `weights` (all of one shape, dtype and
+    bias presence), record the fastest for linear() (silu_mul: for silu_mul_linear()), and say what was
+    measured. CUDA only; not while capturing. For silu_mul, tune the plain projection first: the unfused
+    path it competes with is the product's kernel followed by linear()."""
     weight = weights[0][0]
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    cublas = _replay_time(lambda: [F.linear(x, w, b) for w, b in weights], repeats) / len(weights)
-    best, best_us = None, cublas
+    x = torch.randn(rows, weight.shape[1] * (2 if silu_mul else 1), dtype=weight.dtype, device=weight.device)
+    if silu_mul:
+        unfused = _replay_time(lambda: [linear(triton_fused.silu_and_mul(x), w, b) for w, b in weights], repeats)
+    else:
+        unfused = _replay_time(lambda: [F.linear(x, w, b) for w, b in weights], repeats)
+    best, best_us = None, unfused / len(weights)
     for config in CANDIDATES:
         if config.split > 1 and weight.shape[1] < 2 * config.block_k:
             continue
         try:
-            took = _replay_time(lambda: [gemv(x, w, b, config) for w, b in weights], repeats) / len(weights)
+            took = _replay_time(lambda: [gemv(x, w, b, config, silu_mul) for w, b in weights], repeats) / len(weights)
         except Exception as exc:  # e.g. a configuration this card cannot compile: the others still compete
             log.warning("GEMV %s on %s x %d rows failed, left out: %s", config, tuple(weight.shape), rows, exc)
             continue
         if took < best_us:
             best, best_us = config, took
-    set_plan(weight, weights[0][1], rows, best)
-    return TuneResult(tuple(weight.shape), rows, cublas, best, best_us, weight.numel() * weight.element_size())
+    set_plan(weight, weights[0][1], rows, best, silu_mul)
+    return TuneResult(tuple(weight.shape), rows, silu_mul, unfused / len(weights), best, best_us,
+                      weight.numel() * weight.element_size())
 
 
 def tune_model(model: torch.nn.Module, row_counts: list[int]) -> list[TuneResult]:
-    """tune() every shape of the model's nn.Linear layers for each row count up to MAX_ROWS."""
-    groups: dict[tuple, list] = {}
+    """tune() every shape of the model's nn.Linear layers for each row count up to MAX_ROWS, then the
+    down projections of SwiGLU feed-forwards with the product fused in."""
+    plain: dict[tuple, list] = {}
+    fused: dict[tuple, list] = {}
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            w, b = module.weight, module.bias
-            groups.setdefault((*w.shape, w.dtype, b is not None), []).append((w, b))
+        for linear_module, groups in ((module, plain), (getattr(module, "down_proj", None), fused)):
+            if groups is fused and getattr(module, "activation", None) != "swiglu":
+                continue
+            if type(linear_module) is torch.nn.Linear:
+                w, b = linear_module.weight, linear_module.bias
+                groups.setdefault((*w.shape, w.dtype, b is not None), []).append((w, b))
+    rows = [r for r in sorted(set(row_counts)) if r <= MAX_ROWS]
     with torch.inference_mode():
-        return [tune(weights, rows) for weights in groups.values()
-                for rows in sorted(set(row_counts)) if rows <= MAX_ROWS]
+        return [tune(weights, r, silu_mul) for silu_mul, groups in ((False, plain), (True, fused))
+                for weights in groups.values() for r in rows]

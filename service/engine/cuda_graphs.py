@@ -98,8 +98,9 @@ class DecodeGraphs:
         # A small batch's projections: the Triton GEMV where it beats cuBLAS on this card, measured now.
         for result in triton_gemv.tune_model(self.model, [size]):
             self.gemv_tuning.append(result)
-            log.debug("projection %s x %d rows: cuBLAS %.1f us, %s %.1f us", result.shape, result.rows,
-                      result.cublas_us, result.best or "no kernel faster", result.best_us)
+            log.debug("projection %s%s x %d rows: unfused %.1f us, %s %.1f us", result.shape,
+                      " with SwiGLU's product" if result.silu_mul else "", result.rows, result.unfused_us,
+                      result.best or "no kernel faster", result.best_us)
         meta = self._metadata(size)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -38,10 +38,10 @@ VARIANTS = {  # kernel, its compile-time constants, as the wrappers pass them fo
     "rms-norm": (ADD_RMS_NORM, dict(HAS_DELTA=False, BLOCK=1024)),
     "rope-store-kv": (ROPE_STORE_KV, dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=64, HALF_PAD=32)),
     "silu-and-mul": (SILU_AND_MUL, dict(BLOCK=triton_fused.SILU_BLOCK)),
-    **{f"gemv-{c.block_n}x{c.block_k}-split{c.split > 1}-bias{b}": (
-        GEMV, dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=c.split > 1, HAS_BIAS=b, EXACT=False))
-       for c in triton_gemv.CANDIDATES[:5] for b in (False, True)},
-    "gemv-exact": (GEMV, dict(BLOCK_N=16, BLOCK_K=256, SPLIT=True, HAS_BIAS=True, EXACT=True)),
+    **{f"gemv-{c.block_n}x{c.block_k}-split{c.split > 1}-bias{b}-silu{f}": (
+        GEMV, dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=c.split > 1, HAS_BIAS=b, EXACT=False, SILU_MUL=f))
+       for c in triton_gemv.CANDIDATES[:5] for b in (False, True) for f in (False, True)},
+    "gemv-exact": (GEMV, dict(BLOCK_N=16, BLOCK_K=256, SPLIT=True, HAS_BIAS=True, EXACT=True, SILU_MUL=True)),
     "gemv-reduce": (GEMV_REDUCE, dict(HAS_BIAS=True, BLOCK=triton_gemv.REDUCE_BLOCK)),
 }
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
-from model import triton_gemv  # noqa: E402
+from model import triton_fused, triton_gemv  # noqa: E402
 from model.config import tiny  # noqa: E402
 from model.loading import build_model  # noqa: E402
 from model.weights import random_weights  # noqa: E402
@@ -51,6 +51,8 @@ def test_gemv_refuses_what_it_cannot_compute():
         triton_gemv.gemv(torch.randn(2, 40, dtype=torch.float64), w, None, triton_gemv.CANDIDATES[0])
     with pytest.raises(ValueError, match=r"\(2, 41\)"):
         triton_gemv.gemv(torch.randn(2, 41), w, None, triton_gemv.CANDIDATES[0])
+    with pytest.raises(ValueError, match=r"K x 2"):
+        triton_gemv.gemv(torch.randn(2, 40), w, None, triton_gemv.CANDIDATES[0], silu_mul=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -58,10 +60,14 @@ def test_tuning_on_cuda_records_a_choice_that_computes_the_projection():
     config = tiny("smollm2-135m")
     model = build_model(config, random_weights(config), "random", torch.bfloat16, "cuda")
     results = triton_gemv.tune_model(model, [1, 4, 32])
-    linears = {(*m.weight.shape, m.bias is not None) for m in model.modules() if type(m) is torch.nn.Linear}
-    assert {(r.shape, r.rows) for r in results} == {(s[:2], rows) for s in linears for rows in (1, 4)}
-    assert all(r.best_us <= r.cublas_us for r in results)
-    layer = model.layers[0].ffn.down_proj
-    x = torch.randn(4, layer.weight.shape[1], dtype=torch.bfloat16, device="cuda")
-    ref = F.linear(x.float(), layer.weight.float())
-    assert float((triton_gemv.linear(x, layer.weight, None).float() - ref).abs().max()) <= ref.abs().max() / 64
+    linears = {m.weight.shape for m in model.modules() if type(m) is torch.nn.Linear}
+    down = model.layers[0].ffn.down_proj.weight
+    expected = {(tuple(s), rows, False) for s in linears for rows in (1, 4)} | {(tuple(down.shape), rows, True)
+                                                                                for rows in (1, 4)}
+    assert {(r.shape, r.rows, r.silu_mul) for r in results} == expected
+    assert all(r.best_us <= r.unfused_us for r in results)
+    h = torch.randn(4, 2 * down.shape[1], dtype=torch.bfloat16, device="cuda")
+    product = triton_fused.silu_and_mul(h)
+    ref = F.linear(product.float(), down.float())
+    for out in (triton_gemv.linear(product, down, None), triton_gemv.silu_mul_linear(h, down, None)):
+        assert float((out.float() - ref).abs().max()) <= ref.abs().max() / 64

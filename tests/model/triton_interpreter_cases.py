@@ -53,7 +53,8 @@ def model_case(family_config, gemv=None):
     model = build_model(family_config, random_weights(family_config, seed=3), "random", torch.float32, DEVICE)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     for linear in linears:
-        triton_gemv.set_plan(linear.weight, linear.bias, 3, gemv)
+        for silu_mul in (False, True):
+            triton_gemv.set_plan(linear.weight, linear.bias, 3, gemv, silu_mul)
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
     logits = []
     for kernel in (False, True):
@@ -71,7 +72,8 @@ def model_case(family_config, gemv=None):
             step_logits.append(model(ids, meta, cache))
         logits.append(torch.stack(step_logits))
     for linear in linears:  # the choice is per process: leave the other cases on F.linear
-        triton_gemv.set_plan(linear.weight, linear.bias, 3, None)
+        for silu_mul in (False, True):
+            triton_gemv.set_plan(linear.weight, linear.bias, 3, None, silu_mul)
     return float((logits[0] - logits[1]).abs().max())
 
 
@@ -151,17 +153,22 @@ def fused_ops_case(dtype: torch.dtype) -> float:
 
 def gemv_case(dtype: torch.dtype) -> float:
     """model/triton_gemv.py's kernel against F.linear in float32: every candidate configuration, 1, 3 and
-    16 rows, shapes that are no multiple of the tiles, with and without bias. Returns the worst error
-    relative to the largest reference value."""
+    16 rows, shapes that are no multiple of the tiles, with and without bias, and with SwiGLU's product
+    fused in (against triton_fused.silu_and_mul, then F.linear). Returns the worst error relative to the
+    largest reference value."""
+    from model import triton_fused
+
     gen = torch.Generator().manual_seed(13)
     worst = 0.0
     for rows, n, k, with_bias in ((1, 100, 300, True), (3, 48, 2048, False), (16, 70, 520, True)):
-        x, w, b = (torch.randn(*shape, generator=gen).to(DEVICE, dtype) for shape in ((rows, k), (n, k), (n,)))
+        x, h, w, b = (torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+                      for shape in ((rows, k), (rows, 2 * k), (n, k), (n,)))
         bias = b if with_bias else None
-        ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
-        for config in triton_gemv.CANDIDATES:
-            out = triton_gemv.gemv(x, w, bias, config).float()
-            worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
+        for silu_mul, product in ((False, x), (True, triton_fused.silu_and_mul(h))):
+            ref = torch.nn.functional.linear(product.float(), w.float(), None if bias is None else bias.float())
+            for config in triton_gemv.CANDIDATES:
+                out = triton_gemv.gemv(h if silu_mul else x, w, bias, config, silu_mul).float()
+                worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
     return worst
 
 
