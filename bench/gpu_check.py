@@ -3,9 +3,9 @@
 0. The Triton paged decode kernel against the torch backend on the GPU (fp32, every case of the tests).
 1. Batch-1 decode of a 1B-parameter Llama-shaped bf16 model (random weights, preset llama-1b): eager,
    replayed from a CUDA graph, from a graph whose decode kernel does not split the context, and from one
-   whose projections all stay on cuBLAS, as a fraction of the HBM bandwidth limit (every weight read once
-   a token) and of the bandwidth a plain streaming read reaches; the start-up GEMV tuning (Triton vs
-   cuBLAS per projection shape); and the graph's logits against the eager forward's.
+   whose projections all stay unfused on cuBLAS, as a fraction of the HBM bandwidth limit (every weight
+   read once a token) and of the bandwidth a plain streaming read reaches; the start-up GEMV tuning
+   (Triton vs unfused, per projection kind and shape); and the graph's logits against the eager forward's.
 2. Output tok/s of the offline engine at 64 concurrent requests (CUDA graphs on and off; outputs
    deferred to the next step or not) beside transformers' `generate` at batch 64 on the same GPU and the
    same shape (random weights in both).
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import triton_decode, triton_gemv  # noqa: E402
+from model import projections, triton_decode  # noqa: E402
 from model.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from model.config import preset  # noqa: E402
 from model.loading import build_model  # noqa: E402
@@ -79,17 +79,17 @@ def batch1_decode(config, device) -> list[str]:
         def graph_unsplit(i):  # the decode kernel without splitting the context, for comparison
             return unsplit.run([1], [129 + i], [table])
 
-        def graph_cublas(i):  # every projection on cuBLAS, for comparison
+        def graph_cublas(i):  # every projection unfused on cuBLAS, for comparison
             return cublas.run([1], [129 + i], [table])
 
         triton_decode.PROGRAMS_PER_MULTIPROCESSOR = 0  # choose_splits -> 1 while these graphs capture
         unsplit = DecodeGraphs(model, cache, 16, 1, 64, 64, torch.device(device))
         unsplit.capture_all()
         triton_decode.PROGRAMS_PER_MULTIPROCESSOR = splitting
-        candidates, triton_gemv.CANDIDATES = triton_gemv.CANDIDATES, ()  # tuning keeps cuBLAS everywhere
+        candidates, projections.CANDIDATES = projections.CANDIDATES, ()  # tuning keeps every path unfused
         cublas = DecodeGraphs(model, cache, 16, 1, 64, 64, torch.device(device))
         cublas.capture_all()
-        triton_gemv.CANDIDATES = candidates
+        projections.CANDIDATES = candidates
         graphs.capture_all()  # last, so the plans linear() keeps are the tuned ones again
         lines += gemv_tuning_lines(graphs.gemv_tuning)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -99,7 +99,7 @@ def batch1_decode(config, device) -> list[str]:
         lines.append(f"- streaming read (torch sum over 4 GiB of bf16): {streaming / 1e12:.2f} TB/s = "
                      f"{streaming / peak:.0%} of the {peak / 1e12:.2f} TB/s datasheet peak")
         steps = (("eager", eager), ("CUDA graph", graph), ("CUDA graph, context not split", graph_unsplit),
-                 ("CUDA graph, projections all cuBLAS", graph_cublas))
+                 ("CUDA graph, projections all unfused cuBLAS", graph_cublas))
         for label, step in steps:
             tok_s = 1 / _median_step(step)
             lines.append(f"- llama-1b bf16 batch-1 decode, {label}: {tok_s:.0f} tok/s = "
@@ -130,13 +130,13 @@ def streaming_read_bandwidth(device) -> float:
 
 
 def gemv_tuning_lines(results) -> list[str]:
-    lines = ["- start-up GEMV tuning, per projection shape (N, K) and rows, us per weight (TB/s of its weight):"]
+    lines = ["- start-up GEMV tuning, per projection kind, shape (N, K) and rows: us per weight (TB/s of its "
+             "weight); the unfused path is cuBLAS, after the kernel making its input (add+RMSNorm, SwiGLU) if any:"]
     for r in results:
         chosen = f"Triton {r.best} {r.best_us:.1f} us ({r.weight_bytes / r.best_us / 1e6:.2f})" if r.best \
             else "unfused kept"
-        unfused = "SwiGLU product kernel + linear" if r.silu_mul else "cuBLAS"
-        lines.append(f"  - {r.shape}{' with the product fused' if r.silu_mul else ''} x {r.rows}: {unfused} "
-                     f"{r.unfused_us:.1f} us ({r.weight_bytes / r.unfused_us / 1e6:.2f}); {chosen}")
+        lines.append(f"  - {r.kind} {r.shape} x {r.rows}: unfused {r.unfused_us:.1f} us "
+                     f"({r.weight_bytes / r.unfused_us / 1e6:.2f}); {chosen}")
     return lines
 
 

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import triton_fused, triton_gemv
+from model import projections, triton_fused
 from model.attention import AttentionMetadata, KVCache, attend_cached, paged_attention, uncached_attention
 from model.config import ModelConfig
+from model.triton_gemv import AddNorm
 
 
 class RMSNorm(nn.Module):
@@ -41,11 +42,21 @@ def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
 
 
 def project(layer: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """layer(x); on the Triton path a plain nn.Linear goes through triton_gemv.linear, which uses its
-    kernel where start-up measurement found it faster than cuBLAS for this shape and row count."""
+    """layer(x); on the Triton path a plain nn.Linear goes through model/projections.py, which runs the
+    Triton GEMV where start-up timing found it faster than cuBLAS for this shape and row count."""
     if fused and type(layer) is nn.Linear:
-        return triton_gemv.linear(x, layer.weight, layer.bias)
+        return projections.linear(x, layer.weight, layer.bias)
     return layer(x)
+
+
+def norm_project(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, layer: nn.Module,
+                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, layer(norm(x + delta))); on the Triton path an RMSNorm before a plain nn.Linear can be
+    one kernel (model/projections.py, where start-up timing found that faster)."""
+    if fused and isinstance(norm, RMSNorm) and type(layer) is nn.Linear:
+        return projections.add_norm_linear(x, AddNorm(delta, norm.weight, norm.eps), layer.weight, layer.bias)
+    x, h = add_and_norm(norm, x, delta, fused)
+    return x, project(layer, h, fused)
 
 
 def sinusoidal_table(max_position: int, dim: int) -> torch.Tensor:
@@ -106,8 +117,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        return self.attend(project(self.qkv_proj, x, meta.triton_kernels), rope, meta, kv_cache)
+
+    def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+               meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        """From the fused QKV projection's output (T, (nh + 2 n_kv) * hd) through the output projection."""
         cfg, fused = self.config, meta.triton_kernels
-        qkv = project(self.qkv_proj, x, fused)
         if fused and rope is not None and kv_cache is not None:
             q, k, v = triton_fused.rope_store_kv(qkv, *rope, meta.slot_mapping, kv_cache, cfg.num_heads,
                                                  cfg.num_kv_heads, cfg.head_dim)
@@ -139,9 +154,12 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        h = project(self.up_proj, x, fused)
+        return self.down(project(self.up_proj, x, fused), fused)
+
+    def down(self, h: torch.Tensor, fused: bool) -> torch.Tensor:
+        """The activation of the up projection's output h, through the down projection."""
         if self.activation == "swiglu" and fused and type(self.down_proj) is nn.Linear:
-            return triton_gemv.silu_mul_linear(h, self.down_proj.weight, self.down_proj.bias)
+            return projections.silu_mul_linear(h, self.down_proj.weight, self.down_proj.bias)
         if self.activation == "swiglu" and fused:
             h = triton_fused.silu_and_mul(h)
         elif self.activation == "swiglu":
@@ -170,8 +188,18 @@ class DecoderBlock(nn.Module):
         next norm to add (one fused add+norm kernel on GPU); a post-norm block's output is final."""
         fused = meta.triton_kernels
         if self.pre_norm:
-            x, h = add_and_norm(self.attn_norm, x, pending, fused)
-            x, h = add_and_norm(self.ffn_norm, x, self.attn(h, rope, meta, kv_cache), fused)
-            return x, self.ffn(h, fused)
+            x, qkv = norm_project(self.attn_norm, x, pending, self.attn.qkv_proj, fused)
+            attended = self.attn.attend(qkv, rope, meta, kv_cache)
+            x, up = norm_project(self.ffn_norm, x, attended, self.ffn.up_proj, fused)
+            return x, self.ffn.down(up, fused)
         x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache))
         return self.ffn_norm(x + self.ffn(x, fused)), None
+
+    def fused_projections(self) -> list[tuple[str, nn.Module]]:
+        """(kind, projection) pairs whose input model/triton_gemv.py can compute as it loads it."""
+        sites = []
+        if self.pre_norm and isinstance(self.attn_norm, RMSNorm):
+            sites += [(projections.ADD_NORM, self.attn.qkv_proj), (projections.ADD_NORM, self.ffn.up_proj)]
+        if self.ffn.activation == "swiglu":
+            sites.append((projections.SILU_MUL, self.ffn.down_proj))
+        return sites

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model import projections
 from model.attention import AttentionMetadata, KVCache
 from model.config import ModelConfig
-from model.layers import DecoderBlock, RotaryEmbedding, add_and_norm, make_norm, project, sinusoidal_table
+from model.layers import DecoderBlock, RMSNorm, RotaryEmbedding, make_norm, norm_project, project, sinusoidal_table
 
 
 class Transformer(nn.Module):
@@ -65,8 +66,16 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x, pending = layer(x, pending, rope, meta, None if kv_caches is None else kv_caches[i])
         rows = meta.logits_index if logits_index is None else logits_index
-        x = x[rows]
-        if self.final_norm is not None:
-            x = add_and_norm(self.final_norm, x, None if pending is None else pending[rows],
-                             meta.triton_kernels)[1]
-        return project(self.lm_head, x, meta.triton_kernels).float()
+        x, fused = x[rows], meta.triton_kernels
+        if self.final_norm is None:
+            return project(self.lm_head, x, fused).float()
+        return norm_project(self.final_norm, x, None if pending is None else pending[rows], self.lm_head,
+                            fused)[1].float()
+
+    def fused_projections(self) -> list[tuple[str, nn.Module]]:
+        """(kind, projection) pairs whose input model/triton_gemv.py can compute as it loads it, for
+        model/projections.py's start-up tuning."""
+        sites = [site for layer in self.layers for site in layer.fused_projections()]
+        if isinstance(self.final_norm, RMSNorm):
+            sites.append((projections.ADD_NORM, self.lm_head))
+        return sites

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from model import triton_gemv
+from model import projections
 from model.attention import AttentionMetadata, DecodeRows, KVCache, pad_block_tables
 
 log = logging.getLogger("kvserve.cuda_graphs")
@@ -48,7 +48,7 @@ class DecodeGraphs:
         self.logits = torch.zeros(n, model.config.vocab_size, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
-        self.gemv_tuning: list[triton_gemv.TuneResult] = []
+        self.gemv_tuning: list[projections.TuneResult] = []
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -95,12 +95,11 @@ class DecodeGraphs:
         self.block_tables[:size, : tables.shape[1]].copy_(tables, non_blocking=True)
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
-        # A small batch's projections: the Triton GEMV where it beats cuBLAS on this card, measured now.
-        for result in triton_gemv.tune_model(self.model, [size]):
+        # A small batch's projections: the Triton GEMV where it beats the unfused path on this card (timed now).
+        for result in projections.tune_model(self.model, [size]):
             self.gemv_tuning.append(result)
-            log.debug("projection %s%s x %d rows: unfused %.1f us, %s %.1f us", result.shape,
-                      " with SwiGLU's product" if result.silu_mul else "", result.rows, result.unfused_us,
-                      result.best or "no kernel faster", result.best_us)
+            log.debug("%s projection %s x %d rows: unfused %.1f us, %s %.1f us", result.kind, result.shape,
+                      result.rows, result.unfused_us, result.best or "no kernel faster", result.best_us)
         meta = self._metadata(size)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

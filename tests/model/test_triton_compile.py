@@ -22,7 +22,8 @@ POINTER_TYPES = {"tables_ptr": "*i32", "ctx_ptr": "*i32", "slots_ptr": "*i64", "
 FLOAT_SCALARS = {"scale", "eps"}
 # Arguments that real launches pass as multiples of 16 (Triton specialises on that at run time; it is what
 # lets the GEMV's loads become pipelined asynchronous copies, so compile that variant).
-ALIGNED = {"x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "n", "k", "stride_x", "stride_w", "k_per_split"}
+ALIGNED = {"x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "delta_ptr", "norm_ptr", "residual_ptr", "n", "k",
+           "stride_x", "stride_delta", "stride_w", "k_per_split"}
 
 DECODE, MERGE = triton_decode._kernels()
 ADD_RMS_NORM, ROPE_STORE_KV, SILU_AND_MUL = triton_fused._kernels()
@@ -38,10 +39,13 @@ VARIANTS = {  # kernel, its compile-time constants, as the wrappers pass them fo
     "rms-norm": (ADD_RMS_NORM, dict(HAS_DELTA=False, BLOCK=1024)),
     "rope-store-kv": (ROPE_STORE_KV, dict(NUM_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=64, HALF_PAD=32)),
     "silu-and-mul": (SILU_AND_MUL, dict(BLOCK=triton_fused.SILU_BLOCK)),
-    **{f"gemv-{c.block_n}x{c.block_k}-split{c.split > 1}-bias{b}-silu{f}": (
-        GEMV, dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=c.split > 1, HAS_BIAS=b, EXACT=False, SILU_MUL=f))
-       for c in triton_gemv.CANDIDATES[:5] for b in (False, True) for f in (False, True)},
-    "gemv-exact": (GEMV, dict(BLOCK_N=16, BLOCK_K=256, SPLIT=True, HAS_BIAS=True, EXACT=True, SILU_MUL=True)),
+    **{f"gemv-{c.block_n}x{c.block_k}-split{c.split > 1}-bias{b}-prologue{p}": (
+        GEMV, dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=c.split > 1, HAS_BIAS=b, EXACT=False, PROLOGUE=p,
+                   HAS_DELTA=p == triton_gemv.ADD_NORM))
+       for c in triton_gemv.CANDIDATES[:5] for b in (False, True)
+       for p in (triton_gemv.PLAIN, triton_gemv.SILU_MUL, triton_gemv.ADD_NORM)},
+    "gemv-exact-norm-no-delta": (GEMV, dict(BLOCK_N=16, BLOCK_K=256, SPLIT=True, HAS_BIAS=True, EXACT=True,
+                                            PROLOGUE=triton_gemv.ADD_NORM, HAS_DELTA=False)),
     "gemv-reduce": (GEMV_REDUCE, dict(HAS_BIAS=True, BLOCK=triton_gemv.REDUCE_BLOCK)),
 }
 

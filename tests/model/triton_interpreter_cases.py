@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from model import triton_decode, triton_gemv
+from model import projections, triton_decode, triton_gemv
 from model.attention import AttentionMetadata, allocate_kv_cache, paged_attention
 from model.config import tiny
 from model.loading import build_model
@@ -49,12 +49,13 @@ def attention_case(num_heads, num_kv_heads, head_dim, block_size, context_lens, 
 
 def model_case(family_config, gemv=None):
     """Three sequences decoded 6 steps by a tiny model: logits with the kernels == without. `gemv`: a
-    configuration of model/triton_gemv.py's kernel for every projection of the decode steps (3 rows)."""
+    configuration of model/triton_gemv.py's kernel for every projection of the decode steps (3 rows), with
+    its input's add + RMSNorm or SwiGLU product fused in wherever the model has one."""
     model = build_model(family_config, random_weights(family_config, seed=3), "random", torch.float32, DEVICE)
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    for linear in linears:
-        for silu_mul in (False, True):
-            triton_gemv.set_plan(linear.weight, linear.bias, 3, gemv, silu_mul)
+    sites = [(projections.LINEAR, m) for m in model.modules() if type(m) is torch.nn.Linear]
+    sites += model.fused_projections()
+    for kind, linear in sites:
+        projections.set_plan(kind, linear.weight, linear.bias, 3, gemv)
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
     logits = []
     for kernel in (False, True):
@@ -71,9 +72,8 @@ def model_case(family_config, gemv=None):
                                            kernel)
             step_logits.append(model(ids, meta, cache))
         logits.append(torch.stack(step_logits))
-    for linear in linears:  # the choice is per process: leave the other cases on F.linear
-        for silu_mul in (False, True):
-            triton_gemv.set_plan(linear.weight, linear.bias, 3, None, silu_mul)
+    for kind, linear in sites:  # the choice is per process: leave the other cases unfused
+        projections.set_plan(kind, linear.weight, linear.bias, 3, None)
     return float((logits[0] - logits[1]).abs().max())
 
 
@@ -152,23 +152,35 @@ def fused_ops_case(dtype: torch.dtype) -> float:
 
 
 def gemv_case(dtype: torch.dtype) -> float:
-    """model/triton_gemv.py's kernel against F.linear in float32: every candidate configuration, 1, 3 and
-    16 rows, shapes that are no multiple of the tiles, with and without bias, and with SwiGLU's product
-    fused in (against triton_fused.silu_and_mul, then F.linear). Returns the worst error relative to the
-    largest reference value."""
+    """model/triton_gemv.py's kernel against the unfused torch path in float32: every candidate
+    configuration, 1, 3 and 16 rows, shapes that are no multiple of the tiles, with and without bias;
+    plain, and (with one configuration that splits K and one that does not) with SwiGLU's product fused in (against triton_fused.silu_and_mul, then F.linear), and with the
+    residual add + RMSNorm fused in, with and without a delta (against triton_fused.add_rms_norm, then
+    F.linear; the residual it writes too). Returns the worst error relative to the largest reference value."""
     from model import triton_fused
 
     gen = torch.Generator().manual_seed(13)
+
+    def rel(ref, out):
+        return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+
     worst = 0.0
     for rows, n, k, with_bias in ((1, 100, 300, True), (3, 48, 2048, False), (16, 70, 520, True)):
-        x, h, w, b = (torch.randn(*shape, generator=gen).to(DEVICE, dtype)
-                      for shape in ((rows, k), (rows, 2 * k), (n, k), (n,)))
+        x, delta, h, w, b, norm_w = (torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+                                     for shape in ((rows, k), (rows, k), (rows, 2 * k), (n, k), (n,), (k,)))
         bias = b if with_bias else None
-        for silu_mul, product in ((False, x), (True, triton_fused.silu_and_mul(h))):
-            ref = torch.nn.functional.linear(product.float(), w.float(), None if bias is None else bias.float())
-            for config in triton_gemv.CANDIDATES:
-                out = triton_gemv.gemv(h if silu_mul else x, w, bias, config, silu_mul).float()
-                worst = max(worst, float((out - ref).abs().max() / ref.abs().max()))
+
+        def ref(product):
+            return torch.nn.functional.linear(product.float(), w.float(), None if bias is None else bias.float())
+
+        for config in triton_gemv.CANDIDATES:
+            worst = max(worst, rel(ref(x), triton_gemv.gemv(x, w, bias, config)))
+        for config in (triton_gemv.CANDIDATES[0], triton_gemv.CANDIDATES[-1]):  # one run, several runs
+            worst = max(worst, rel(ref(triton_fused.silu_and_mul(h)), triton_gemv.gemv(h, w, bias, config, True)))
+            for d in (None, delta):
+                residual, normed = triton_fused.add_rms_norm(x, d, norm_w, 1e-5)
+                fused = triton_gemv.add_norm_gemv(x, triton_gemv.AddNorm(d, norm_w, 1e-5), w, bias, config)
+                worst = max(worst, rel(residual, fused[0]), rel(ref(normed), fused[1]))
     return worst
 
 

@@ -1,0 +1,158 @@
+"""Which kernel runs each projection of a small decode batch on a GPU: cuBLAS, or model/triton_gemv.py's
+GEMV, alone or computing its own input (SwiGLU's product, or the residual add + RMSNorm before it).
+
+Whether any configuration of the GEMV beats the unfused path depends on the card and the shape, so
+`tune_model()` times them on the device at start-up (the CUDA graphs call it before capturing each batch
+size): replayed from a CUDA graph, as a step runs them, over every weight of the same shape in turn, as a
+step reads them (one weight alone would sit in L2 and flatter every candidate). `linear()`,
+`silu_mul_linear()` and `add_norm_linear()` then use the winner for that (kind, shape, rows); anything
+not tuned, or where the unfused path won, runs unfused, so a fused kernel only runs where it measured
+faster. The choices are kept per process, like Triton's own autotuning cache.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import triton_fused
+from model.triton_gemv import CANDIDATES, MAX_ROWS, AddNorm, GemvConfig, add_norm_gemv, gemv
+
+log = logging.getLogger("kvserve.projections")
+
+LINEAR, SILU_MUL, ADD_NORM = "linear", "silu_mul", "add_norm"  # what a projection computes its input from
+_plans: dict[tuple, GemvConfig | None] = {}  # (kind, device, N, K, dtype, bias, rows) -> winner or None
+
+
+def _plan_key(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> tuple:
+    return (kind, weight.device, *weight.shape, weight.dtype, bias is not None, rows)
+
+
+def _planned(kind: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> GemvConfig | None:
+    if x.shape[0] > MAX_ROWS or x.stride(1) != 1 or x.dtype != weight.dtype:
+        return None
+    return _plans.get(_plan_key(kind, weight, bias, x.shape[0]))
+
+
+def set_plan(kind: str, weight: torch.Tensor, bias: torch.Tensor | None, rows: int,
+             config: GemvConfig | None) -> None:
+    """Run `kind` projections with this weight's shape, dtype and bias at `rows` rows with `config`
+    (None: unfused)."""
+    _plans[_plan_key(kind, weight, bias, rows)] = config
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias)."""
+    config = _planned(LINEAR, x, weight, bias)
+    return F.linear(x, weight, bias) if config is None else gemv(x, weight, bias, config)
+
+
+def silu_mul_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear(silu(gate) * up) for h (T, 2K) laid out [gate | up]."""
+    config = _planned(SILU_MUL, h, weight, bias)
+    if config is None:
+        return linear(triton_fused.silu_and_mul(h), weight, bias)
+    return gemv(h, weight, bias, config, silu_mul=True)
+
+
+def add_norm_linear(x: torch.Tensor, norm: AddNorm, weight: torch.Tensor,
+                    bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, linear(RMSNorm(x + delta) * norm.weight)); x is the residual when norm.delta is None."""
+    config = _planned(ADD_NORM, x, weight, bias)
+    if config is None:
+        residual, normed = triton_fused.add_rms_norm(x, norm.delta, norm.weight, norm.eps)
+        return residual, linear(normed, weight, bias)
+    return add_norm_gemv(x, norm, weight, bias, config)
+
+
+@dataclass
+class TuneResult:
+    kind: str
+    shape: tuple[int, int]
+    rows: int
+    unfused_us: float  # per weight, reading each in turn: cuBLAS, after the input's own kernel if any
+    best: GemvConfig | None  # None: the unfused path stays
+    best_us: float
+    weight_bytes: int
+
+
+def _replay_time(run, repeats: int) -> float:
+    """Median microseconds of `run` replayed from a CUDA graph, as a decode step runs it (launched one by
+    one from Python, a Triton kernel's launch costs more host time than the kernel takes on the device)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compiles, and lets cuBLAS pick its kernel, before capturing
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _runs(kind: str, weights, rows: int):
+    """(unfused, fused(config)): one call per weight of what a step runs for `kind`, on random inputs."""
+    weight = weights[0][0]
+    k, device, dtype = weight.shape[1], weight.device, weight.dtype
+    x = torch.randn(rows, 2 * k if kind == SILU_MUL else k, dtype=dtype, device=device)
+    if kind == SILU_MUL:
+        return (lambda: [linear(triton_fused.silu_and_mul(x), w, b) for w, b in weights],
+                lambda config: [gemv(x, w, b, config, silu_mul=True) for w, b in weights])
+    if kind == ADD_NORM:
+        norm = AddNorm(torch.randn(rows, k, dtype=dtype, device=device), torch.rand(k, dtype=dtype, device=device),
+                       1e-5)
+        return (lambda: [linear(triton_fused.add_rms_norm(x, norm.delta, norm.weight, norm.eps)[1], w, b)
+                         for w, b in weights],
+                lambda config: [add_norm_gemv(x, norm, w, b, config) for w, b in weights])
+    return (lambda: [F.linear(x, w, b) for w, b in weights],
+            lambda config: [gemv(x, w, b, config) for w, b in weights])
+
+
+def tune(kind: str, weights: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int,
+         repeats: int = 5) -> TuneResult:
+    """Time the unfused path and every GEMV configuration for `kind` on `rows` rows over `weights` (all of
+    one shape, dtype and bias presence), record the fastest, and say what was measured. CUDA only; not
+    while capturing. Tune LINEAR first: the unfused paths of the other kinds end in linear()."""
+    weight = weights[0][0]
+    unfused, fused = _runs(kind, weights, rows)
+    unfused_us = _replay_time(unfused, repeats) / len(weights)
+    best, best_us = None, unfused_us
+    for config in CANDIDATES:
+        if config.split > 1 and weight.shape[1] < 2 * config.block_k:
+            continue
+        try:
+            took = _replay_time(lambda: fused(config), repeats) / len(weights)
+        except Exception as exc:  # e.g. a configuration this card cannot compile: the others still compete
+            log.warning("GEMV %s for %s %s x %d rows failed, left out: %s", config, kind, tuple(weight.shape),
+                        rows, exc)
+            continue
+        if took < best_us:
+            best, best_us = config, took
+    set_plan(kind, weight, weights[0][1], rows, best)
+    return TuneResult(kind, tuple(weight.shape), rows, unfused_us, best, best_us,
+                      weight.numel() * weight.element_size())
+
+
+def tune_model(model: torch.nn.Module, row_counts: list[int]) -> list[TuneResult]:
+    """tune() every shape of the model's nn.Linear layers, then its fused projections (the model's
+    `fused_projections()`: (kind, nn.Linear) pairs), for each row count up to MAX_ROWS."""
+    sites = [(LINEAR, m) for m in model.modules() if type(m) is torch.nn.Linear]
+    sites += [(kind, m) for kind, m in getattr(model, "fused_projections", list)() if type(m) is torch.nn.Linear]
+    groups: dict[tuple, list] = {}
+    for kind, module in sites:
+        w, b = module.weight, module.bias
+        groups.setdefault((kind, *w.shape, w.dtype, b is not None), []).append((w, b))
+    rows = [r for r in sorted(set(row_counts)) if r <= MAX_ROWS]
+    with torch.inference_mode():
+        return [tune(key[0], weights, r) for key, weights in groups.items() for r in rows]
