@@ -245,7 +245,8 @@ def main() -> None:
     def baseline():
         theirs = transformers_throughput(llama, device, 64)
         ours = results.get("llama-1b bf16, 64 concurrent requests, CUDA graphs", float("nan"))
-        return f"- transformers generate, batch 64: {theirs:.0f} output tok/s (kvserve / transformers {ours / theirs:.1f}x)"
+        return (f"- transformers generate, batch 64: {theirs:.0f} output tok/s "
+                f"(kvserve / transformers {ours / theirs:.1f}x)")
 
     section(lines, "transformers", baseline)
     section(lines, "smollm2 engine", lambda: engine("smollm2-135m shape bf16, 256 requests, CUDA graphs",

@@ -95,8 +95,8 @@ class Engine:
             for listener in self.refusal_listeners:
                 listener(reason)
             raise
-        samples = [Request(list(prompt_ids), params, self._stop_ids(params), request_id=f"{request_id}#{i}", priority=priority,
-                           sample_index=i) for i in range(params.n)]
+        samples = [Request(list(prompt_ids), params, self._stop_ids(params), request_id=f"{request_id}#{i}",
+                           priority=priority, sample_index=i) for i in range(params.n)]
         for sibling in samples[1:]:
             sibling.wait_for = samples[0]
         self._inbox.append(("add", request_id, samples, on_output))

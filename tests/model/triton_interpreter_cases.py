@@ -152,11 +152,12 @@ def fused_ops_case(dtype: torch.dtype) -> float:
 
 
 def gemv_case(dtype: torch.dtype) -> float:
-    """model/triton_gemv.py's kernel against the unfused torch path in float32: every candidate
-    configuration, 1, 3 and 16 rows, shapes that are no multiple of the tiles, with and without bias;
-    plain, and (with one configuration that splits K and one that does not) with SwiGLU's product fused in (against triton_fused.silu_and_mul, then F.linear), and with the
-    residual add + RMSNorm fused in, with and without a delta (against triton_fused.add_rms_norm, then
-    F.linear; the residual it writes too). Returns the worst error relative to the largest reference value."""
+    """model/triton_gemv.py's kernel against the unfused torch path, in float32: every candidate
+    configuration on 1, 3 and 16 rows, shapes that are no multiple of the tiles, with and without bias;
+    then, with one configuration that splits K and one that does not, SwiGLU's product fused in (against
+    triton_fused.silu_and_mul, then F.linear) and the residual add + RMSNorm fused in, with and without a
+    delta (against triton_fused.add_rms_norm, then F.linear; the residual it writes too). Returns the
+    worst error relative to the largest reference value."""
     from model import triton_fused
 
     gen = torch.Generator().manual_seed(13)
