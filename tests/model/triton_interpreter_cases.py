@@ -1,7 +1,7 @@
-"""The paged decode kernel against the torch backend. Run by test_triton_decode.py in a child process
-with TRITON_INTERPRET=1 (Triton reads it when the kernel is first built) on CPU, and on a CUDA device
-by the GPU test and bench/gpu_check.py. Prints one line per case, "name max_abs_diff", and exits
-non-zero on the first mismatch."""
+"""The Triton kernels (paged decode, fused elementwise ops, GEMV) against the torch code they replace.
+Run by test_triton_decode.py in a child process with TRITON_INTERPRET=1 (Triton reads it when the kernel
+is first built) on CPU, and on a CUDA device by the GPU test and bench/gpu_check.py. Prints one line per
+case, "name difference", and exits non-zero on the first beyond its tolerance."""
 from __future__ import annotations
 
 import os
