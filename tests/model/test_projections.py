@@ -87,3 +87,13 @@ def test_tuning_on_cuda_records_a_choice_that_computes_the_projection():
     ref = F.linear(product.float(), down.float())
     for out in (projections.linear(product, down, None), projections.silu_mul_linear(h, down, None)):
         assert float((out.float() - ref).abs().max()) <= ref.abs().max() / 64
+
+
+def test_tuning_refuses_a_configuration_whose_values_differ():
+    ref = [torch.randn(4, 64).to(torch.bfloat16), torch.randn(4, 64)]
+    close = [ref[0] * (1 + 2 ** -8), ref[1] + 1e-6]  # one bfloat16 step; float32 rounding
+    assert projections._agrees(ref, close)
+    wrong_row = close[0].clone()
+    wrong_row[2] = 0
+    assert not projections._agrees(ref, [wrong_row, close[1]])
+    assert not projections._agrees([ref[1]], [ref[1] * 1.01])  # float32 is held to 1e-4
