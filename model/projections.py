@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from model import triton_fused
-from model.triton_gemv import CANDIDATES, MAX_ROWS, AddNorm, GemvConfig, add_norm_gemv, gemv
+from model.triton_gemv import ADD_NORM, CANDIDATES, LINEAR, MAX_ROWS, SILU_MUL, AddNorm, GemvConfig, add_norm_gemv, gemv
 
 log = logging.getLogger("kvserve.projections")
 
-LINEAR, SILU_MUL, ADD_NORM = "linear", "silu_mul", "add_norm"  # what a projection computes its input from
 _plans: dict[tuple, GemvConfig | None] = {}  # (kind, device, N, K, dtype, bias, rows) -> winner or None
 
 

@@ -28,7 +28,7 @@ from model.triton_decode import import_triton
 
 MAX_ROWS = 16  # rows per launch: x is padded to this many, the smallest tensor-core tile
 REDUCE_BLOCK = 1024  # output columns per program of the split-K reduction
-PLAIN, SILU_MUL, ADD_NORM = 0, 1, 2  # what the kernel does to its input as it loads it
+LINEAR, SILU_MUL, ADD_NORM = "linear", "silu_mul", "add_norm"  # what the kernel computes its input from
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _build_kernels(triton, tl):
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < n
         inv_rms = tl.zeros([16], tl.float32)
-        if PROLOGUE == 2:  # the row's RMS needs all of K, whatever share of it this program multiplies
+        if PROLOGUE == "add_norm":  # the row's RMS needs all of K, whatever share of it this program multiplies
             squares = tl.zeros([16], tl.float32)
             for k0 in range(0, k, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
@@ -87,11 +87,11 @@ def _build_kernels(triton, tl):
             k_mask = kk < k_end
             x_mask = row_mask[:, None] & k_mask[None, :]
             x_at = x_ptr + m[:, None] * stride_x + kk[None, :]
-            if PROLOGUE == 1:  # x is [gate | up]: SwiGLU's product, rounded as triton_fused.silu_and_mul stores it
+            if PROLOGUE == "silu_mul":  # x is [gate | up]: SwiGLU's product, rounded as silu_and_mul stores it
                 gate = tl.load(x_at, mask=x_mask, other=0.0).to(tl.float32)
                 up = tl.load(x_at + k, mask=x_mask, other=0.0).to(tl.float32)
                 x = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
-            elif PROLOGUE == 2:  # RMSNorm(x + delta) * weight, rounded as triton_fused.add_rms_norm stores it
+            elif PROLOGUE == "add_norm":  # RMSNorm(x + delta) * weight, rounded as triton_fused.add_rms_norm stores it
                 r = tl.load(x_at, mask=x_mask, other=0.0)
                 if HAS_DELTA:
                     delta = tl.load(delta_ptr + m[:, None] * stride_delta + kk[None, :], mask=x_mask, other=0.0)
@@ -145,7 +145,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, confi
     silu_mul: x is (rows, 2K) laid out [gate | up] and the product silu(gate) * up is multiplied."""
     k = weight.shape[1]
     _check(x, weight, k, 2 * k if silu_mul else k)
-    return _launch(x, weight, bias, config, SILU_MUL if silu_mul else PLAIN, k, None, None)
+    return _launch(x, weight, bias, config, SILU_MUL if silu_mul else LINEAR, k, None, None)
 
 
 def add_norm_gemv(x: torch.Tensor, norm: AddNorm, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -167,7 +167,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, k: int, x_width: int) -> None:
                          f"contiguous rows, got {tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
 
 
-def _launch(x, weight, bias, config: GemvConfig, prologue: int, k: int, norm: AddNorm | None,
+def _launch(x, weight, bias, config: GemvConfig, prologue: str, k: int, norm: AddNorm | None,
             residual: torch.Tensor | None) -> torch.Tensor:
     gemv_kernel, reduce_kernel = _kernels()
     rows, n = x.shape[0], weight.shape[0]

@@ -43,7 +43,7 @@ VARIANTS = {  # kernel, its compile-time constants, as the wrappers pass them fo
         GEMV, dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT=c.split > 1, HAS_BIAS=b, EXACT=False, PROLOGUE=p,
                    HAS_DELTA=p == triton_gemv.ADD_NORM))
        for c in triton_gemv.CANDIDATES[:5] for b in (False, True)
-       for p in (triton_gemv.PLAIN, triton_gemv.SILU_MUL, triton_gemv.ADD_NORM)},
+       for p in (triton_gemv.LINEAR, triton_gemv.SILU_MUL, triton_gemv.ADD_NORM)},
     "gemv-exact-norm-no-delta": (GEMV, dict(BLOCK_N=16, BLOCK_K=256, SPLIT=True, HAS_BIAS=True, EXACT=True,
                                             PROLOGUE=triton_gemv.ADD_NORM, HAS_DELTA=False)),
     "gemv-reduce": (GEMV_REDUCE, dict(HAS_BIAS=True, BLOCK=triton_gemv.REDUCE_BLOCK)),
