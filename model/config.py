@@ -33,6 +33,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(hidden_size), as the 2017 paper does
     name: str = "custom"
+    architecture: str = "llama"  # the checkpoint family it was read as (GGUF general.architecture, HF model_type)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -89,7 +90,7 @@ def _gpt2(name: str, hidden: int, layers: int, heads: int) -> ModelConfig:
         name=name, vocab_size=50257, hidden_size=hidden, num_layers=layers, num_heads=heads,
         num_kv_heads=heads, ffn_hidden_size=4 * hidden, activation="gelu_tanh", norm="layernorm",
         positional_encoding="learned", max_position=1024, attention_bias=True, mlp_bias=True,
-        tie_embeddings=True)
+        tie_embeddings=True, architecture="gpt2")
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -112,12 +113,12 @@ PRESETS: dict[str, ModelConfig] = {
         name="transformer-2017", vocab_size=37000, hidden_size=512, num_layers=6, num_heads=8,
         num_kv_heads=8, ffn_hidden_size=2048, activation="relu", norm="layernorm",
         norm_placement="post", positional_encoding="sinusoidal", max_position=4096,
-        attention_bias=True, mlp_bias=True, scale_embeddings=True),
+        attention_bias=True, mlp_bias=True, scale_embeddings=True, architecture="transformer"),
     # Mistral 7B's shape: GQA with a sliding attention window.
     "mistral-7b": ModelConfig(
         name="mistral-7b", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
         num_kv_heads=8, ffn_hidden_size=14336, max_position=32768, sliding_window=4096,
-        tie_embeddings=False),
+        tie_embeddings=False, architecture="mistral"),
 }
 
 

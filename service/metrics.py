@@ -1,9 +1,9 @@
 """Every Prometheus metric kvserve exports, in one place.
 
 Latency histograms are recorded when a request finishes, from the timestamps the engine keeps on
-each request; step histograms from a per-step summary. Neither touches the model's hot path. Gauges
-(running, waiting, KV usage) and the engine's own counters (preemptions, prefix cache) are read live
-at scrape time, so they are right even when the engine is idle. Labels are bounded: finish reasons,
+each sequence; step histograms from a per-step summary. Neither touches the model's hot path. Gauges
+(running, waiting, KV usage) and the engine's own counters (preemptions, prefix cache) are read at
+scrape time from the snapshot the engine publishes after every step. Labels are bounded: finish reasons,
 failure reasons, HTTP route templates and status codes, never request ids or prompts.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info, disab
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
-from service.engine.engine import Engine, StepStats
-from service.engine.request import Request
+from service.engine.engine import Engine
+from service.engine.sequence import Sequence
+from service.engine.status import StepStats
 
 # Seconds, from a millisecond to ten minutes: decode steps and ITL at the low end, queueing and
 # long generations at the top.
@@ -70,46 +71,45 @@ class Metrics:
 
     def attach(self, engine: Engine, model_name: str, version: str) -> None:
         self._engine = engine
-        engine.step_listeners.append(self.observe_step)
-        engine.finish_listeners.append(self.observe_finished)
-        engine.refusal_listeners.append(self.observe_refused)
-        self.info.info({"model": model_name, "source": engine.loaded.source,
-                        "dtype": str(engine.loaded.dtype).removeprefix("torch."),
-                        "quantization": engine.loaded.quantization or "none",
-                        "device": engine.loaded.device.type, "block_size": str(engine.blocks.block_size),
-                        "version": version})
+        engine.events.on_step.append(self.observe_step)
+        engine.events.on_finish.append(self.observe_finished)
+        engine.events.on_refusal.append(self.observe_refused)
+        info = engine.info()
+        self.info.info({"model": model_name, "source": info.model, "dtype": info.dtype,
+                        "quantization": info.quantization or "none", "device": info.device,
+                        "block_size": str(info.block_size), "version": version})
 
     def observe_step(self, stats: StepStats) -> None:
         self.iteration_tokens.observe(stats.num_tokens)
         self.step_duration.observe(stats.duration)
 
-    def observe_finished(self, request: Request) -> None:
-        if request.finish_reason == "error":
+    def observe_finished(self, seq: Sequence) -> None:
+        if seq.finish_reason == "error":
             self.failure.labels("error").inc()
         else:
-            self.success.labels(request.finish_reason).inc()
-        if request.sample_index == 0:  # n samples share one prompt
-            self.prompt_tokens.observe(request.num_prompt_tokens)
-            self.prompt_tokens_total.inc(request.num_prompt_tokens)
-        self.generation_tokens.observe(request.num_output_tokens)
-        self.generation_tokens_total.inc(request.num_output_tokens)
-        self._observe_latencies(request)
+            self.success.labels(seq.finish_reason).inc()
+        if seq.index == 0:  # n samples share one prompt
+            self.prompt_tokens.observe(seq.num_prompt_tokens)
+            self.prompt_tokens_total.inc(seq.num_prompt_tokens)
+        self.generation_tokens.observe(seq.num_output_tokens)
+        self.generation_tokens_total.inc(seq.num_output_tokens)
+        self._observe_latencies(seq)
 
-    def _observe_latencies(self, request: Request) -> None:
-        if request.first_scheduled_time is not None:
-            self.queue.observe(request.first_scheduled_time - request.arrival_time)
-        if request.first_token_time is None:
+    def _observe_latencies(self, seq: Sequence) -> None:
+        if seq.first_scheduled_time is not None:
+            self.queue.observe(seq.first_scheduled_time - seq.arrival_time)
+        if seq.first_token_time is None:
             return
-        self.ttft.observe(request.first_token_time - request.arrival_time)
-        if request.first_scheduled_time is not None:
-            self.prefill.observe(request.first_token_time - request.first_scheduled_time)
-        if request.finish_time is not None:
-            self.e2e.observe(request.finish_time - request.arrival_time)
-            decode = request.finish_time - request.first_token_time
+        self.ttft.observe(seq.first_token_time - seq.arrival_time)
+        if seq.first_scheduled_time is not None:
+            self.prefill.observe(seq.first_token_time - seq.first_scheduled_time)
+        if seq.finish_time is not None:
+            self.e2e.observe(seq.finish_time - seq.arrival_time)
+            decode = seq.finish_time - seq.first_token_time
             self.decode.observe(decode)
-            if request.num_output_tokens > 1:
-                self.tpot.observe(decode / (request.num_output_tokens - 1))
-        times = request.token_times
+            if seq.num_output_tokens > 1:
+                self.tpot.observe(decode / (seq.num_output_tokens - 1))
+        times = seq.token_times
         for before, after in zip(times, times[1:]):
             self.itl.observe(after - before)
 
@@ -127,23 +127,24 @@ class _EngineStateCollector:
         engine = self.metrics._engine
         if engine is None:
             return
-        blocks, scheduler = engine.blocks, engine.scheduler
+        snapshot = engine.snapshot
         gauges = [
-            ("kvserve_num_requests_running", "Requests in the running batch.", scheduler.num_running),
+            ("kvserve_num_requests_running", "Requests in the running batch.", snapshot.num_running),
             ("kvserve_num_requests_waiting", "Requests waiting to be scheduled.", engine.num_waiting),
-            ("kvserve_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", blocks.usage),
-            ("kvserve_kv_cache_blocks_capacity", "KV blocks in the cache.", blocks.num_blocks),
-            ("kvserve_kv_cache_blocks_used", "KV blocks held by requests.", blocks.num_used),
+            ("kvserve_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", snapshot.kv_usage),
+            ("kvserve_kv_cache_blocks_capacity", "KV blocks in the cache.", snapshot.kv_blocks_total),
+            ("kvserve_kv_cache_blocks_used", "KV blocks held by requests.", snapshot.kv_blocks_used),
             ("kvserve_kv_cache_blocks_cached", "Free KV blocks that still hold a reusable prefix.",
-             blocks.num_cached),
-            ("kvserve_engine_healthy", "1 while the engine loop runs, 0 if it died.", int(engine.is_healthy)),
+             snapshot.kv_blocks_cached),
+            ("kvserve_engine_healthy", "1 while the engine loop runs, 0 if it died.", int(snapshot.healthy)),
         ]
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
         counters = [
-            ("kvserve_num_preemptions", "Requests preempted for lack of KV blocks.", scheduler.num_preemptions),
-            ("kvserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", blocks.prefix_queries),
-            ("kvserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.", blocks.prefix_hits),
+            ("kvserve_num_preemptions", "Requests preempted for lack of KV blocks.", snapshot.num_preemptions),
+            ("kvserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             snapshot.prefix_queries),
+            ("kvserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.", snapshot.prefix_hits),
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)

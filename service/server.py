@@ -27,17 +27,17 @@ class DrainingServer(uvicorn.Server):
             return super().handle_exit(sig, frame)
         self._draining = True
         self.state.draining = True
-        log.info("draining: %d requests in flight, up to %.0f s", len(self.state.engine.engine.requests),
+        log.info("draining: %d sequences in flight, up to %.0f s", self.state.engine.snapshot.num_unfinished,
                  self.drain_timeout)
         threading.Thread(target=self._drain, name="kvserve-drain", daemon=True).start()
 
     def _drain(self) -> None:
-        engine = self.state.engine.engine
+        engine = self.state.engine
         deadline = time.monotonic() + self.drain_timeout
         while engine.has_unfinished() and time.monotonic() < deadline:
             time.sleep(0.05)
         if engine.has_unfinished():
-            log.info("drain timeout: aborting %d requests", len(engine.requests))
+            log.info("drain timeout: aborting %d sequences", engine.snapshot.num_unfinished)
             engine.abort_all()
             give_up = time.monotonic() + 5
             while engine.has_unfinished() and time.monotonic() < give_up:

@@ -12,16 +12,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 
+from service import VERSION
 from service.api import routes_misc, routes_openai, routes_playground, routes_tgi
 from service.api.errors import error_response, install_error_handlers
 from service.api.state import ServerState
-from service.engine.async_engine import AsyncEngine
 from service.engine.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("kvserve.api")
-VERSION = "0.1.0"
 OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
@@ -44,13 +43,9 @@ def _start_engine(state: ServerState, engine_factory: Callable[[Settings], Engin
         engine = engine_factory(state.settings)
         if state.settings.enable_metrics:
             metrics.attach(engine, state.settings.served_model_name, VERSION)
-        state.model_info = {"dtype": str(engine.loaded.dtype).removeprefix("torch."),
-                            "quantization": engine.loaded.quantization,
-                            "device": engine.loaded.device.type, "max_model_len": engine.max_model_len,
-                            "kv_cache_tokens": engine.blocks.num_blocks * engine.blocks.block_size,
-                            "version": VERSION, "source": engine.loaded.source}
-        state.engine = AsyncEngine(engine)
-        log.info("ready: %d KV blocks of %d tokens", engine.blocks.num_blocks, engine.blocks.block_size)
+        state.engine = engine.start()
+        info = engine.info()
+        log.info("ready: %d KV blocks of %d tokens", info.kv_cache_blocks, info.block_size)
     except Exception as exc:  # reported by /health; the process stays up so the reason can be read
         log.exception("model failed to load")
         state.load_error = f"{type(exc).__name__}: {exc}"
@@ -70,7 +65,7 @@ def create_app(settings: Settings | None = None,
         yield
         loader.join()
         if state.engine is not None:
-            state.engine.shutdown()
+            state.engine.stop()
 
     app = FastAPI(title="kvserve", version=VERSION, lifespan=lifespan,
                   description="LLM inference server: OpenAI-compatible and text-generation-inference-"

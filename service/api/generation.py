@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from service.api.errors import APIError, engine_error
-from service.engine.async_engine import AsyncEngine
+from service.engine import RequestOutput, SamplingParams
+from service.engine.engine import Engine
 from service.engine.errors import EngineError, RequestRejected
-from service.engine.request import InvalidParam, RequestOutput, SamplingParams
+from service.engine.request import InvalidParam
 
 
 def checked_params(build) -> SamplingParams:
@@ -48,7 +49,7 @@ class Choice:
 
 
 class Generation:
-    def __init__(self, engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
+    def __init__(self, engine: Engine, prompts: list[list[int]], params: SamplingParams,
                  timeout: float, priority: int = 0):
         self.engine, self.prompts, self.params = engine, prompts, params
         self.request_ids: list[str] = []

@@ -39,7 +39,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep):
     else:
         raise APIError(400, "one of prompt, messages or inputs is required", "prompt", "missing")
     tokens = tokenizer.encode(text)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.model_info["max_model_len"]}
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.info().max_model_len}
 
 
 @router.post("/detokenize", summary="Token ids -> text")

@@ -4,12 +4,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from model.tokenizer import TextTokenizer
+from service import VERSION
 from service.api.errors import APIError
 from service.api.generation import Choice, Generation, checked_params
 from service.api.schemas_tgi import GenerateRequest
 from service.api.sse import sse_event, sse_response
 from service.api.state import EngineDep, StateDep
-from service.engine.request import RequestOutput
+from service.engine import RequestOutput
 
 router = APIRouter(tags=["Native (text-generation-inference compatible)"])
 
@@ -100,13 +101,14 @@ async def root(body: GenerateRequest, request: Request, state: StateDep, engine:
 
 @router.get("/info", summary="Model and server limits (text-generation-inference API)")
 async def info(state: StateDep):
-    if state.model_info is None:
+    info = state.info
+    if info is None:
         raise APIError(503, state.not_ready_reason(), None, "unavailable")
     settings = state.settings
     return {"model_id": settings.served_model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
-            "model_dtype": state.model_info["dtype"], "model_device_type": state.model_info["device"],
+            "model_dtype": info.dtype, "model_device_type": info.device,
             "max_concurrent_requests": settings.max_num_seqs + settings.max_queue, "max_best_of": 1,
-            "max_stop_sequences": 16, "max_input_tokens": state.model_info["max_model_len"] - 1,
-            "max_total_tokens": state.model_info["max_model_len"], "max_batch_total_tokens":
-            state.model_info["kv_cache_tokens"], "max_client_batch_size": 1, "validation_workers": 1,
-            "router": "kvserve", "version": state.model_info["version"], "sha": None, "docker_label": None}
+            "max_stop_sequences": 16, "max_input_tokens": info.max_model_len - 1,
+            "max_total_tokens": info.max_model_len, "max_batch_total_tokens": info.kv_cache_tokens,
+            "max_client_batch_size": 1, "validation_workers": 1, "router": "kvserve", "version": VERSION,
+            "sha": None, "docker_label": None}

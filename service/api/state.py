@@ -7,21 +7,26 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.api.errors import APIError
-from service.engine.async_engine import AsyncEngine
+from service.engine.engine import Engine
+from service.engine.status import EngineInfo
 from service.settings import Settings
 
 
 @dataclass
 class ServerState:
     settings: Settings
-    engine: AsyncEngine | None = None
+    engine: Engine | None = None  # running on its own thread once loaded
     load_error: str | None = None
     draining: bool = False
-    model_info: dict | None = None
+
+    @property
+    def info(self) -> EngineInfo | None:
+        """The model and engine facts, once loaded."""
+        return self.engine.info() if self.engine is not None else None
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.is_healthy and not self.draining
+        return self.engine is not None and self.engine.snapshot.healthy and not self.draining
 
     def not_ready_reason(self) -> str:
         if self.load_error:
@@ -30,14 +35,14 @@ class ServerState:
             return "model is loading"
         if self.draining:
             return "server is shutting down"
-        return f"engine is not running: {self.engine.engine.dead_reason}"
+        return f"engine is not running: {self.engine.snapshot.dead_reason}"
 
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def get_engine(request: Request) -> AsyncEngine:
+def get_engine(request: Request) -> Engine:
     """The engine, or a 503 (with Retry-After) while loading, draining or dead."""
     state = get_state(request)
     if not state.ready:
@@ -52,4 +57,4 @@ def check_model_name(state: ServerState, name: str | None) -> None:
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]
-EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -1,6 +1,7 @@
-"""The batched worker: scheduler, paged KV blocks, runner, sampler, detokenizer and step loop."""
+"""The batched worker: sequences, scheduler, paged KV blocks, runner, sampler, output processor and step loop."""
 from service.engine.config import EngineConfig
-from service.engine.request import RequestOutput, SamplingParams
+from service.engine.outputs import RequestOutput
+from service.engine.request import SamplingParams
 
 __all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams"]
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from model.loading import load_model
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
-from service.engine.request import RequestOutput, SamplingParams
+from service.engine.outputs import RequestOutput
+from service.engine.request import SamplingParams
 
 
 @dataclass

@@ -1,9 +1,6 @@
-"""A request's sampling parameters and its life in the engine (plain Python, no torch)."""
+"""A request's sampling parameters (plain Python, no torch)."""
 from __future__ import annotations
 
-import enum
-import itertools
-import time
 from dataclasses import dataclass, field
 
 
@@ -66,90 +63,3 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-_ids = itertools.count()
-
-
-@dataclass(eq=False)
-class Request:
-    """One sequence being generated. n > 1 samples are separate Requests sharing a group id."""
-    prompt_ids: list[int]
-    params: SamplingParams
-    stop_ids: list[int] = field(default_factory=list)  # token ids that end it (EOS unless ignored, stop_token_ids)
-    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
-    priority: int = 0  # lower runs first; ties by arrival
-    output_ids: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on admission
-    num_preemptions: int = 0
-    finish_reason: str | None = None
-    wait_for: Request | None = None  # an n>1 sibling is admitted once this one's prompt is cached
-    sample_index: int = 0  # which of the n samples this is
-    # Timestamps (time.monotonic()) for latency metrics.
-    arrival_time: float = field(default_factory=time.monotonic)
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    finish_time: float | None = None
-
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def token_slice(self, start: int, end: int) -> list[int]:
-        """all_ids[start:end] without building all_ids (a decode step reads one output token)."""
-        prompt_len = len(self.prompt_ids)
-        if start >= prompt_len:
-            return self.output_ids[start - prompt_len:end - prompt_len]
-        if end <= prompt_len:
-            return self.prompt_ids[start:end]
-        return self.all_ids[start:end]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_ids)
-
-    @property
-    def prompt_done(self) -> bool:
-        return self.num_computed_tokens >= self.num_prompt_tokens or self.is_finished
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == Status.FINISHED
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one sample of a request; the last one carries finish_reason."""
-    request_id: str
-    index: int  # which of the n samples
-    new_text: str
-    new_token_ids: list[int]
-    logprobs: list[float] | None  # per new token: its logprob under the model
-    top_logprobs: list[list[tuple[int, float]]] | None  # per new token: the top alternatives
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    finish_reason: str | None = None  # stop | length | abort | error
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None

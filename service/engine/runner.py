@@ -10,7 +10,7 @@ from model import triton_decode
 from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block, to_device
 from model.loading import LoadedModel
 from service.engine.cuda_graphs import DecodeGraphs
-from service.engine.request import Request
+from service.engine.sequence import Sequence
 from service.engine.sampler import PendingSample, Sampler, SamplingRow
 
 log = logging.getLogger("kvserve.runner")
@@ -69,39 +69,32 @@ class Runner:
                                        -(-max_len // cache.block_size), cache.num_blocks, self.device)
             self.graphs.capture_all()
         self.sampler = Sampler(loaded.config.vocab_size, seed=seed)
-        self.generators: dict[str, torch.Generator] = {}
         log.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s, %s, decode %s)", cache.num_blocks,
                  cache.block_size, cache.num_tokens, cache.num_bytes / 2**20, loaded.dtype, self.device,
                  "CUDA graphs" if self.graphs else "eager")
 
-    def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
-
-    def _generator(self, request: Request) -> torch.Generator | None:
-        if request.params.seed is None:
-            return None
-        gen = self.generators.get(request.request_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(request.params.seed + request.sample_index)
-            self.generators[request.request_id] = gen
-        return gen
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        """A seeded sequence's own generator (sample i of n seeded with seed + i), kept on the sequence."""
+        if seq.params.seed is not None and seq.generator is None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+        return seq.generator
 
     @torch.inference_mode()
-    def execute(self, requests: list[Request], num_new_tokens: list[int],
+    def execute(self, sequences: list[Sequence], num_new_tokens: list[int],
                 block_tables: list[list[int]]) -> tuple[list[int], PendingSample | None]:
-        """Run one step. Returns the indices of the requests whose step reached their last token,
+        """Run one step. Returns the indices of the sequences whose step reached their last token,
         and the tokens sampled for them, in that order (on a GPU still on their way: resolve() them)."""
         token_ids, context_lens, sample_rows = [], [], []
-        for i, (request, n) in enumerate(zip(requests, num_new_tokens)):
-            start = request.num_computed_tokens
-            token_ids.extend(request.token_slice(start, start + n))
+        for i, (seq, n) in enumerate(zip(sequences, num_new_tokens)):
+            start = seq.num_computed_tokens
+            token_ids.extend(seq.token_slice(start, start + n))
             context_lens.append(start + n)
-            if start + n == request.num_tokens:
+            if start + n == seq.num_tokens:
                 sample_rows.append(i)
-        if self.graphs is not None and len(sample_rows) == len(requests) == len(token_ids) \
-                and self.graphs.fits(len(requests)):
+        if self.graphs is not None and len(sample_rows) == len(sequences) == len(token_ids) \
+                and self.graphs.fits(len(sequences)):
             logits = self.graphs.run(token_ids, context_lens, block_tables)
-            return sample_rows, self.sampler.sample(logits, self._sampling_rows(requests, sample_rows))
+            return sample_rows, self.sampler.sample(logits, self._sampling_rows(sequences, sample_rows))
         meta = AttentionMetadata.build(num_new_tokens, context_lens, block_tables, self.cache.block_size,
                                        self.config.sliding_window, self.device)
         if not sample_rows:
@@ -111,8 +104,8 @@ class Runner:
             return [], None
         logits = self.model(to_device(token_ids, self.device), meta, self.kv_caches,
                             logits_index=meta.logits_index[sample_rows])
-        return sample_rows, self.sampler.sample(logits, self._sampling_rows(requests, sample_rows))
+        return sample_rows, self.sampler.sample(logits, self._sampling_rows(sequences, sample_rows))
 
-    def _sampling_rows(self, requests: list[Request], sample_rows: list[int]) -> list[SamplingRow]:
-        return [SamplingRow(requests[i].params, requests[i].prompt_ids, requests[i].output_ids,
-                            self._generator(requests[i]), requests[i].stop_ids) for i in sample_rows]
+    def _sampling_rows(self, sequences: list[Sequence], sample_rows: list[int]) -> list[SamplingRow]:
+        return [SamplingRow(seq.params, seq.prompt_ids, seq.output_ids, self._generator(seq), seq.stop_ids)
+                for seq in (sequences[i] for i in sample_rows)]

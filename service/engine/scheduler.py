@@ -1,10 +1,14 @@
-"""Picks each step's batch under a token budget and a sequence cap; admits, preempts and finishes.
+"""Picks each step's batch under a token budget and a sequence cap; admits, preempts, and applies results.
 
-A step first gives every running request its next tokens (one for a decoding request, the next
-chunk for one still prefilling), then admits waiting requests in (priority, arrival) order with
+A step first gives every running sequence its next tokens (one for a decoding sequence, the next
+chunk for one still prefilling), then admits waiting sequences in (priority, arrival) order with
 chunked prefill, so a long prompt never stalls the others' decoding. When blocks run out, the
-newest running request is preempted: its blocks are freed and it goes back to the front of the
+newest running sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed later (its prefix blocks are often still in the prefix cache).
+
+The scheduler is the one owner of a sequence's progress: admission (cached prefix), preemption
+(back to zero) and, in `update`, the step's results (computed tokens, sampled tokens, new full blocks
+committed to the prefix cache).
 """
 from __future__ import annotations
 
@@ -14,12 +18,12 @@ import time
 from dataclasses import dataclass, field
 
 from service.engine.block_manager import BlockManager
-from service.engine.request import Request, Status
+from service.engine.sequence import Sequence, Status
 
 
 @dataclass
 class ScheduledBatch:
-    requests: list[Request] = field(default_factory=list)
+    sequences: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     num_preempted: int = 0
 
@@ -28,7 +32,7 @@ class ScheduledBatch:
         return sum(self.num_new_tokens)
 
     def __bool__(self) -> bool:
-        return bool(self.requests)
+        return bool(self.sequences)
 
 
 class Scheduler:
@@ -38,8 +42,8 @@ class Scheduler:
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: list[tuple[tuple[int, int], Request]] = []  # sorted by (priority, order)
-        self.running: list[Request] = []  # admission order: the last is the newest
+        self.waiting: list[tuple[tuple[int, int], Sequence]] = []  # sorted by (priority, order)
+        self.running: list[Sequence] = []  # admission order: the last is the newest
         self._order = itertools.count()
         self.num_preemptions = 0
 
@@ -54,17 +58,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def add(self, request: Request, front: bool = False) -> None:
+    def add(self, seq: Sequence, front: bool = False) -> None:
         order = -next(self._order) if front else next(self._order)
-        bisect.insort(self.waiting, ((request.priority, order), request), key=lambda item: item[0])
+        bisect.insort(self.waiting, ((seq.priority, order), seq), key=lambda item: item[0])
 
-    def remove(self, request: Request) -> None:
-        """Take a request out of the scheduler (finished or aborted) and free its blocks."""
-        if request in self.running:
-            self.running.remove(request)
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the scheduler (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
         else:
-            self.waiting = [item for item in self.waiting if item[1] is not request]
-        self.blocks.free(request.request_id)
+            self.waiting = [item for item in self.waiting if item[1] is not seq]
+        self.blocks.free(seq.seq_id)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -76,17 +80,17 @@ class Scheduler:
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.blocks.ensure_slots(request.request_id, request.num_computed_tokens + num_new):
+            seq = self.running[index]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.ensure_slots(seq.seq_id, seq.num_computed_tokens + num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 batch.num_preempted += 1
-                if victim is request:
+                if victim is seq:
                     break
-            if request.status != Status.RUNNING:
+            if seq.status != Status.RUNNING:
                 break  # it preempted itself: nothing older is left to take blocks from
-            batch.requests.append(request)
+            batch.sequences.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
             index += 1
@@ -95,33 +99,54 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         skipped = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            key, request = self.waiting[0]
-            if request.wait_for is not None and not request.wait_for.prompt_done:
+            key, seq = self.waiting[0]
+            if seq.waits_for_sibling:
                 skipped.append(self.waiting.pop(0))  # an n>1 sibling waits to share the prompt's blocks
                 continue
-            tokens = request.all_ids
+            tokens = seq.all_ids
             uncached = len(tokens) - len(self.blocks.match_prefix(tokens)) * self.blocks.block_size
             num_new = min(uncached, budget)
             if not self.blocks.can_admit(tokens, num_new):
                 break
             self.waiting.pop(0)
-            request.num_computed_tokens = self.blocks.admit(request.request_id, tokens)
-            request.num_cached_tokens = request.num_computed_tokens
-            self.blocks.ensure_slots(request.request_id, request.num_computed_tokens + num_new)
-            request.status = Status.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            self.running.append(request)
-            batch.requests.append(request)
+            seq.num_computed_tokens = self.blocks.admit(seq.seq_id, tokens)
+            seq.num_cached_tokens = seq.num_computed_tokens
+            self.blocks.ensure_slots(seq.seq_id, seq.num_computed_tokens + num_new)
+            seq.status = Status.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            batch.sequences.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
         self.waiting = skipped + self.waiting
 
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
-        self.blocks.free(request.request_id)
-        request.status = Status.WAITING
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
+    def update(self, batch: ScheduledBatch, sampled_rows: list[int],
+               token_ids: list[int]) -> list[tuple[Sequence, int]]:
+        """Apply a step's results: each sequence's scheduled tokens are now computed, the rows that reached
+        their last token get their sampled token (token_ids[k] for batch row sampled_rows[k]), and full
+        blocks are committed to the prefix cache. Returns (sequence, k) for every token appended.
+        A sequence finished meanwhile (aborted, or a stop string found by deferred outputs) is left alone."""
+        for seq, n in zip(batch.sequences, batch.num_new_tokens):
+            if not seq.is_finished:
+                seq.num_computed_tokens += n
+        now = time.monotonic()
+        appended = []
+        for k, row in enumerate(sampled_rows):
+            seq = batch.sequences[row]
+            if not seq.is_finished:
+                seq.append_token(token_ids[k], now)
+                appended.append((seq, k))
+        for seq in batch.sequences:
+            if not seq.is_finished and self.blocks.has_new_full_block(seq.seq_id, seq.num_computed_tokens):
+                self.blocks.commit(seq.seq_id, seq.all_ids, seq.num_computed_tokens)
+        return appended
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.status = Status.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.add(request, front=True)
+        self.add(seq, front=True)

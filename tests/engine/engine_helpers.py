@@ -10,7 +10,7 @@ from model.attention import kv_cache_bytes_per_block
 from model.loading import LoadedModel
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
-from service.engine.request import RequestOutput, SamplingParams
+from service.engine import RequestOutput, SamplingParams
 
 BLOCK_SIZE = 16
 FIRST_PLAIN_ID = 17  # SmolLM2 ids 0..16 are special tokens (0 <|endoftext|>, 2 <|im_end|> = EOS)
@@ -20,7 +20,7 @@ def make_engine(loaded: LoadedModel, num_blocks: int = 512, **options) -> Engine
     """An engine whose KV cache holds exactly num_blocks blocks of BLOCK_SIZE tokens."""
     per_block = kv_cache_bytes_per_block(loaded.config, BLOCK_SIZE, loaded.dtype)
     engine = Engine(loaded, EngineConfig(block_size=BLOCK_SIZE, kv_cache_memory=num_blocks * per_block, **options))
-    assert engine.blocks.num_blocks == num_blocks
+    assert engine.core.blocks.num_blocks == num_blocks
     return engine
 
 
@@ -108,9 +108,9 @@ def run_engine(engine: Engine, collector: Collector | None = None, max_steps: in
             break
         engine.step()
     assert not engine.has_unfinished(), "engine did not finish in max_steps"
-    assert engine.blocks.num_used == 0, f"{engine.blocks.num_used} blocks leaked"
-    assert engine.scheduler.num_running == engine.scheduler.num_waiting == 0
-    assert not engine.runner.generators, "seeded generators leaked"
+    assert engine.core.blocks.num_used == 0, f"{engine.core.blocks.num_used} blocks leaked"
+    assert engine.core.scheduler.num_running == engine.core.scheduler.num_waiting == 0
+    assert not engine.core.groups, "finished requests leaked"
     assert not collector.late, f"outputs after the last: {collector.late}"
     return collector
 

@@ -1,4 +1,5 @@
-"""AsyncEngine over the tiny model: streams from the event loop, abort on close, synchronous refusals.
+"""The engine's asyncio side (Engine.submit) over the tiny model: streams from the event loop, abort on
+close, synchronous refusals.
 Each test runs its own event loop (asyncio.run); waits are polled with a deadline, never asserted."""
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import contextlib
 
 import pytest
 
-from service.engine.async_engine import AsyncEngine
 from service.engine.errors import EngineOverloaded, RequestRejected
-from service.engine.request import SamplingParams
+from service.engine import SamplingParams
 from tests.engine.engine_helpers import generate, greedy, make_engine, random_prompt
 
 TIMEOUT = 60.0
@@ -17,16 +17,16 @@ TIMEOUT = 60.0
 
 @pytest.fixture
 def async_engine(tiny_loaded):
-    engine = AsyncEngine(make_engine(tiny_loaded, max_queue=1, max_num_seqs=1))
+    engine = make_engine(tiny_loaded, max_queue=1, max_num_seqs=1).start()
     yield engine
-    engine.shutdown()
+    engine.stop()
 
 
 @pytest.fixture
 def roomy_async_engine(tiny_loaded):
-    engine = AsyncEngine(make_engine(tiny_loaded))
+    engine = make_engine(tiny_loaded).start()
     yield engine
-    engine.shutdown()
+    engine.stop()
 
 
 async def collect(stream) -> list:
@@ -71,24 +71,24 @@ def test_n_samples_stream_ends_after_every_sample(roomy_async_engine):
 
 
 def test_closing_the_stream_aborts_and_frees_blocks(roomy_async_engine):
-    engine = roomy_async_engine.engine
+    engine = roomy_async_engine
 
     async def main():
         stream = roomy_async_engine.submit(random_prompt(1300, 40), greedy(1500), "leaver")
         first = await asyncio.wait_for(stream.__anext__(), TIMEOUT)
         assert not first.finished
-        assert engine.blocks.num_used > 0
+        assert engine.snapshot.kv_blocks_used > 0
         await stream.aclose()
-        return await wait_until(lambda: engine.blocks.num_used == 0 and not engine.requests)
+        return await wait_until(lambda: engine.snapshot.kv_blocks_used == 0 and not engine.has_unfinished())
 
     assert asyncio.run(main()), "the closed stream's request was not aborted"
-    assert engine.is_healthy
+    assert engine.snapshot.healthy
 
 
 def test_breaking_out_of_an_aclosing_loop_aborts(roomy_async_engine):
-    engine = roomy_async_engine.engine
+    engine = roomy_async_engine
     finished = []
-    engine.finish_listeners.append(lambda request: finished.append(request.finish_reason))
+    engine.events.on_finish.append(lambda request: finished.append(request.finish_reason))
 
     async def main():
         stream = roomy_async_engine.submit(random_prompt(1400, 40), greedy(1500), "breaker")
@@ -96,7 +96,7 @@ def test_breaking_out_of_an_aclosing_loop_aborts(roomy_async_engine):
             async for out in stream:
                 if out.num_output_tokens >= 3:
                     break
-        return await wait_until(lambda: engine.blocks.num_used == 0 and finished == ["abort"])
+        return await wait_until(lambda: engine.snapshot.kv_blocks_used == 0 and finished == ["abort"])
 
     assert asyncio.run(main())
 
@@ -108,7 +108,7 @@ def test_refusals_are_raised_by_submit(async_engine):
         await asyncio.wait_for(running.__anext__(), TIMEOUT)  # it is running now, not queued
         waiting = async_engine.submit(random_prompt(1501, 10), greedy(3), "waiting")
         # Counted while it moves from the engine's inbox to its queue, but wait until it is queued.
-        assert await wait_until(lambda: async_engine.engine.scheduler.num_waiting == 1)
+        assert await wait_until(lambda: async_engine.snapshot.num_waiting == 1)
         with pytest.raises(EngineOverloaded):
             async_engine.submit(random_prompt(1502, 10), greedy(3), "refused")
         with pytest.raises(RequestRejected) as info:
@@ -117,14 +117,14 @@ def test_refusals_are_raised_by_submit(async_engine):
         await running.aclose()  # frees the sequence slot: the waiting request runs to the end
         outputs = await asyncio.wait_for(collect(waiting), TIMEOUT)
         assert outputs[-1].finish_reason == "length"
-        return await wait_until(lambda: async_engine.engine.blocks.num_used == 0)
+        return await wait_until(lambda: async_engine.snapshot.kv_blocks_used == 0)
 
     assert asyncio.run(main())
-    assert async_engine.is_healthy
+    assert async_engine.snapshot.healthy
 
 
 def test_a_closed_event_loop_does_not_break_the_engine(roomy_async_engine):
-    engine = roomy_async_engine.engine
+    engine = roomy_async_engine
 
     async def submit_and_leave():
         roomy_async_engine.submit(random_prompt(1600, 10), greedy(1000), "orphan")  # never read
@@ -135,9 +135,9 @@ def test_a_closed_event_loop_does_not_break_the_engine(roomy_async_engine):
         outputs = await asyncio.wait_for(collect(roomy_async_engine.submit(random_prompt(1601, 10), greedy(4))),
                                          TIMEOUT)
         # The orphan is aborted once its output cannot be delivered, freeing its blocks.
-        freed = await wait_until(lambda: "orphan#0" not in engine.requests and engine.blocks.num_used == 0)
+        freed = await wait_until(lambda: not engine.has_unfinished() and engine.snapshot.kv_blocks_used == 0)
         return outputs, freed
 
     outputs, freed = asyncio.run(later())
     assert outputs[-1].finish_reason == "length"
-    assert freed and engine.is_healthy
+    assert freed and engine.snapshot.healthy

@@ -25,7 +25,7 @@ def workload(stop: str) -> tuple[dict[str, list[int]], dict[str, SamplingParams]
 
 def test_deferred_outputs_equal_immediate_ones(tiny_loaded):
     engine = make_engine(tiny_loaded)
-    assert engine.defer_outputs is False  # the default on a CPU
+    assert engine.core.outputs.defer is False  # the default on a CPU
     free = generate(engine, {"r1": random_prompt(301, 40)},
                     SamplingParams(temperature=1.0, seed=5, max_tokens=24))["r1"].text
     stop = free[len(free) // 2: len(free) // 2 + 3]
@@ -34,7 +34,7 @@ def test_deferred_outputs_equal_immediate_ones(tiny_loaded):
     for defer in (False, True):
         # Few blocks: requests are preempted and recomputed while outputs are deferred.
         engine = make_engine(tiny_loaded, num_blocks=9, max_num_batched_tokens=64, defer_outputs=defer)
-        engine.step_listeners.append(lambda stats: preempted.append(stats.num_preempted))
+        engine.events.on_step.append(lambda stats: preempted.append(stats.num_preempted))
         results.append(generate(engine, prompts, params))
     assert sum(preempted) >= 2
     keys = sorted(results[0].results)
@@ -88,4 +88,4 @@ def test_engine_thread_flushes_deferred_outputs(tiny_loaded):
     finally:
         engine.stop()
     assert all(len(collector[f"t{i}"].token_ids) == 6 for i in range(3))
-    assert engine.blocks.num_used == 0
+    assert engine.core.blocks.num_used == 0

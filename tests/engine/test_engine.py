@@ -50,18 +50,18 @@ def alone_results(tiny_loaded, invariance_prompts):
 def test_batch_invariance(tiny_loaded, invariance_prompts, alone_results):
     engine = make_engine(tiny_loaded, max_num_batched_tokens=64)
     steps = []
-    engine.step_listeners.append(steps.append)
+    engine.events.on_step.append(steps.append)
     together = generate(engine, invariance_prompts, greedy(10, logprobs=0))
     assert_same(alone_results, together, [(k, 0) for k in invariance_prompts])
     assert max(s.num_sequences for s in steps) >= 8, "the requests did run batched"
     assert any(s.num_prefill_tokens and s.num_decode_tokens for s in steps), "no mixed prefill+decode step"
-    assert engine.scheduler.num_preemptions == 0
+    assert engine.core.scheduler.num_preemptions == 0
 
 
 def test_batch_invariance_under_preemption(tiny_loaded, invariance_prompts, alone_results):
     engine = make_engine(tiny_loaded, num_blocks=24, max_num_batched_tokens=64)
     together = generate(engine, invariance_prompts, greedy(10, logprobs=0))
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.core.scheduler.num_preemptions > 0
     assert_same(alone_results, together, [(k, 0) for k in invariance_prompts])
 
 
@@ -70,11 +70,11 @@ def test_prefix_caching_reuses_blocks_and_gives_the_same_output(tiny_loaded):
     first, second = prefix + random_prompt(101, 20), prefix + random_prompt(102, 30)
     engine = make_engine(tiny_loaded)
     generate(engine, {"first": first}, greedy(8))
-    hits = engine.blocks.prefix_hits
+    hits = engine.core.blocks.prefix_hits
     cached = generate(engine, {"second": second}, greedy(8, logprobs=0))
     assert cached["second"].last.num_cached_tokens >= 256
     assert cached["second"].last.num_cached_tokens % 16 == 0
-    assert engine.blocks.prefix_hits - hits >= 256
+    assert engine.core.blocks.prefix_hits - hits >= 256
     uncached = generate(make_engine(tiny_loaded, enable_prefix_caching=False), {"second": second},
                         greedy(8, logprobs=0))
     assert uncached["second"].last.num_cached_tokens == 0
@@ -92,9 +92,9 @@ def test_abort_running_request_frees_its_blocks(tiny_loaded):
     engine.abort("r1")
     engine.step()
     assert collector["r1"].finish_reason == "abort"
-    assert "r1#0" not in engine.blocks.tables
-    others = sum(len(engine.blocks.table(f"r{i}#0")) for i in (0, 2))
-    assert engine.blocks.num_used == others
+    assert "r1" not in engine.core.groups
+    others = sum(len(engine.core.blocks.table(engine.core.groups[f"r{i}"].sequences[0].seq_id)) for i in (0, 2))
+    assert engine.core.blocks.num_used == others
     engine.abort("unknown")  # harmless
     run_engine(engine, collector)
     assert collector["r0"].finish_reason == collector["r2"].finish_reason == "length"
@@ -121,7 +121,7 @@ def test_n_samples_share_the_prompt_and_are_reproducible(tiny_loaded):
     assert len({tuple(s) for s in samples}) > 1, "samples with different seeds should differ"
     # The two siblings waited for the first's prompt and reused its two full blocks.
     assert [first[("g", i)].last.num_cached_tokens for i in range(3)] == [0, 32, 32]
-    assert engine.blocks.prefix_hits == 64
+    assert engine.core.blocks.prefix_hits == 64
     again = generate(make_engine(tiny_loaded), {"g": prompt}, params)
     assert [again[("g", i)].token_ids for i in range(3)] == samples
     cached_run = generate(engine, {"g": prompt}, params)  # same engine: the prompt is cached now
@@ -141,7 +141,7 @@ def test_seeded_sampling_alone_equals_in_a_batch(tiny_loaded):
     assert_same(solo, together, [("t", 0)])
     cramped = make_engine(tiny_loaded, num_blocks=12, max_num_batched_tokens=32)
     preempted = generate(cramped, batch, mixed_params)
-    assert cramped.scheduler.num_preemptions > 0
+    assert cramped.core.scheduler.num_preemptions > 0
     assert_same(solo, preempted, [("t", 0)])
 
 
@@ -171,18 +171,18 @@ def test_step_failure_fails_only_that_step(tiny_loaded):
     for i in range(3):
         engine.add_request(random_prompt(600 + i, 20), greedy(6), f"r{i}", collector)
     engine.step()
-    assert engine.scheduler.num_running == 2 and engine.scheduler.num_waiting == 1
+    assert engine.core.scheduler.num_running == 2 and engine.core.scheduler.num_waiting == 1
 
     def fail_once(*args, **kwargs):
-        del engine.runner.execute  # back to the real method for the next step
+        del engine.core.runner.execute  # back to the real method for the next step
         raise RuntimeError("injected failure")
 
-    engine.runner.execute = fail_once
+    engine.core.runner.execute = fail_once
     engine.step()
     for request_id in ("r0", "r1"):
         assert collector[request_id].finish_reason == "error"
         assert "injected failure" in collector[request_id].last.error
-    assert engine.blocks.num_used == 0
+    assert engine.core.blocks.num_used == 0
     later = random_prompt(610, 25)
     engine.add_request(later, greedy(6, logprobs=0), "later", collector)
     run_engine(engine, collector)
@@ -190,7 +190,7 @@ def test_step_failure_fails_only_that_step(tiny_loaded):
     assert collector["later"].finish_reason == "length"
     fresh = generate(make_engine(tiny_loaded), {"later": later}, greedy(6, logprobs=0))
     assert_same(fresh, collector, [("later", 0)])
-    assert engine.is_healthy
+    assert engine.snapshot.healthy
 
 
 def test_duplicate_request_id_is_refused_without_breaking_the_loop(tiny_loaded):

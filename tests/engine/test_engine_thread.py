@@ -33,7 +33,7 @@ def test_thread_serves_requests_from_another_thread(tiny_loaded, started):
         assert collector[key].logprobs == pytest.approx(offline[key].logprobs, abs=1e-4)
     started.stop()
     assert not started._thread.is_alive()
-    assert started.blocks.num_used == 0
+    assert started.core.blocks.num_used == 0
 
 
 def test_thread_abort(started):
@@ -51,7 +51,7 @@ def test_dead_loop_fails_everyone_and_refuses_new_work(started):
     def broken_schedule():
         raise RuntimeError("scheduler exploded")
 
-    started.scheduler.schedule = broken_schedule
+    started.core.scheduler.schedule = broken_schedule
     collector = Collector()
     started.add_request(random_prompt(900, 10), greedy(4), "victim", collector)
     started.start()
@@ -60,10 +60,10 @@ def test_dead_loop_fails_everyone_and_refuses_new_work(started):
     assert "scheduler exploded" in collector["victim"].last.error
     started._thread.join(TIMEOUT)
     assert not started._thread.is_alive()
-    assert not started.is_healthy and "scheduler exploded" in started.dead_reason
+    assert not started.snapshot.healthy and "scheduler exploded" in started.snapshot.dead_reason
     with pytest.raises(EngineDead):
         started.add_request(random_prompt(901, 10), greedy(4), "after", collector)
-    assert started.blocks.num_used == 0
+    assert started.core.blocks.num_used == 0
 
 
 def test_stop_answers_outstanding_requests(started):
@@ -76,6 +76,6 @@ def test_stop_answers_outstanding_requests(started):
     # Nothing is left hanging: the request got a final output, and the engine refuses new work.
     assert collector[("long", 0)].last.finished
     assert collector["long"].finish_reason == "abort"
-    assert not started.is_healthy
+    assert not started.snapshot.healthy
     with pytest.raises(EngineDead):
         started.add_request(random_prompt(1001, 10), greedy(4), "after", collector)

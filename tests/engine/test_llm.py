@@ -56,11 +56,11 @@ def test_chat_answers_are_sensible(chats_alone):
 def test_greedy_output_is_batch_invariant(smollm2_loaded, workload, chats_alone):
     engine = make_engine(smollm2_loaded, 256, max_num_batched_tokens=128)
     steps = []
-    engine.step_listeners.append(steps.append)
+    engine.events.on_step.append(steps.append)
     together = generate(engine, workload, greedy(MAX_TOKENS))
     assert max(s.num_sequences for s in steps) == 16
     assert any(s.num_prefill_tokens and s.num_decode_tokens for s in steps), "no chunked prefill beside decodes"
-    assert engine.scheduler.num_preemptions == 0
+    assert engine.core.scheduler.num_preemptions == 0
     assert_chats_match(chats_alone, together)
 
 
@@ -68,7 +68,7 @@ def test_greedy_output_is_batch_invariant(smollm2_loaded, workload, chats_alone)
 def test_greedy_output_survives_preemption(smollm2_loaded, workload, chats_alone):
     engine = make_engine(smollm2_loaded, 24, max_num_batched_tokens=128)  # the 16 need ~70 blocks
     together = generate(engine, workload, greedy(MAX_TOKENS))
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.core.scheduler.num_preemptions > 0
     assert_chats_match(chats_alone, together)
 
 
@@ -120,6 +120,6 @@ def test_llm_generate_keeps_prompt_and_sample_order(tiny_loaded):
     # Each sample's seed is params.seed + its index, so an index-ordered list is reproducible.
     again = offline_llm(tiny_loaded).generate(prompts[1:2], params)[0]
     assert [c.token_ids for c in again.outputs] == [c.token_ids for c in results[1].outputs]
-    assert llm.engine.blocks.num_used == 0
+    assert llm.engine.core.blocks.num_used == 0
     single = llm.generate("just one string", greedy(3))
     assert len(single) == 1 and len(single[0].token_ids) == 3

@@ -1,11 +1,12 @@
-"""Scheduler over a real BlockManager and Requests, no model: each simulated step marks the scheduled
+"""Scheduler over a real BlockManager and Sequences, no model: each simulated step marks the scheduled
 tokens computed and appends a fake output token to every request whose step reached its last token."""
 from __future__ import annotations
 
 import itertools
 
 from service.engine.block_manager import BlockManager
-from service.engine.request import Request, SamplingParams, Status
+from service.engine.request import SamplingParams
+from service.engine.sequence import Sequence, SequenceGroup, Status
 from service.engine.scheduler import ScheduledBatch, Scheduler
 
 BS = 4
@@ -16,17 +17,17 @@ def make(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, block_size=BS
     return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, max_num_batched_tokens)
 
 
-def req(name: str, prompt_len: int, max_tokens: int = 4, priority: int = 0, first_token: int = 0) -> Request:
+def req(name: str, prompt_len: int, max_tokens: int = 4, priority: int = 0, first_token: int = 0) -> Sequence:
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    return Request(list(range(first_token, first_token + prompt_len)), params, request_id=name, priority=priority)
+    return Sequence(list(range(first_token, first_token + prompt_len)), params, seq_id=name, priority=priority)
 
 
-def simulate(sched: Scheduler, batch: ScheduledBatch) -> list[Request]:
+def simulate(sched: Scheduler, batch: ScheduledBatch) -> list[Sequence]:
     """Apply one step's results the way the engine does; returns the requests that finished."""
     finished = []
-    for request, n in zip(batch.requests, batch.num_new_tokens):
+    for request, n in zip(batch.sequences, batch.num_new_tokens):
         assert n >= 1
-        assert len(sched.blocks.table(request.request_id)) * BS >= request.num_computed_tokens + n
+        assert len(sched.blocks.table(request.seq_id)) * BS >= request.num_computed_tokens + n
         request.num_computed_tokens += n
         assert request.num_computed_tokens <= request.num_tokens
         if request.num_computed_tokens == request.num_tokens:
@@ -36,11 +37,11 @@ def simulate(sched: Scheduler, batch: ScheduledBatch) -> list[Request]:
                 sched.remove(request)
                 finished.append(request)
                 continue
-        sched.blocks.commit(request.request_id, request.all_ids, request.num_computed_tokens)
+        sched.blocks.commit(request.seq_id, request.all_ids, request.num_computed_tokens)
     return finished
 
 
-def run_all(sched: Scheduler, max_steps: int = 1000, on_step=None) -> list[Request]:
+def run_all(sched: Scheduler, max_steps: int = 1000, on_step=None) -> list[Sequence]:
     """Step until nothing is left; returns requests in finishing order."""
     done = []
     for step in range(max_steps):
@@ -64,7 +65,7 @@ def test_token_budget_and_completion():
         sched.add(r)
     totals = []
     done = run_all(sched, on_step=lambda step, batch: totals.append(batch.total_tokens))
-    assert sorted(r.request_id for r in done) == sorted(r.request_id for r in requests)
+    assert sorted(r.seq_id for r in done) == sorted(r.seq_id for r in requests)
     assert all(r.num_output_tokens == r.params.max_tokens for r in requests)
     assert max(totals) == 24, "the budget should be filled when there is enough work"
     assert sum(totals) == sum(r.num_prompt_tokens + r.num_output_tokens - 1 for r in requests)
@@ -77,7 +78,7 @@ def test_running_requests_come_first():
     simulate(sched, sched.schedule())  # long takes the whole budget for its first chunk
     sched.add(req("late", prompt_len=3, first_token=500))
     batch = sched.schedule()
-    assert [r.request_id for r in batch.requests] == ["long"]
+    assert [r.seq_id for r in batch.sequences] == ["long"]
     assert batch.num_new_tokens == [8]
     assert sched.num_waiting == 1
 
@@ -95,8 +96,8 @@ def test_chunked_prefill_interleaves_with_decodes():
     while long.num_output_tokens == 0:
         before = [r.num_output_tokens for r in decoders]
         batch = sched.schedule()
-        assert batch.requests[:3] == decoders and batch.num_new_tokens[:3] == [1, 1, 1]
-        assert batch.requests[3] is long and batch.num_new_tokens[3] == min(13, 100 - long.num_computed_tokens)
+        assert batch.sequences[:3] == decoders and batch.num_new_tokens[:3] == [1, 1, 1]
+        assert batch.sequences[3] is long and batch.num_new_tokens[3] == min(13, 100 - long.num_computed_tokens)
         simulate(sched, batch)
         assert [r.num_output_tokens for r in decoders] == [n + 1 for n in before]
         steps += 1
@@ -108,9 +109,9 @@ def test_max_num_seqs_cap():
     for i in range(5):
         sched.add(req(f"r{i}", prompt_len=4, max_tokens=3, first_token=10 * i))
     batch = sched.schedule()
-    assert len(batch.requests) == 2 and sched.num_running == 2 and sched.num_waiting == 3
+    assert len(batch.sequences) == 2 and sched.num_running == 2 and sched.num_waiting == 3
     seen = []
-    run_all(sched, on_step=lambda step, batch: seen.append(len(batch.requests)))
+    run_all(sched, on_step=lambda step, batch: seen.append(len(batch.sequences)))
     assert max(seen) <= 2
 
 
@@ -119,7 +120,7 @@ def test_priority_then_arrival():
     for name, priority in [("a1", 1), ("b0", 0), ("c1", 1), ("d0", 0), ("e-1", -1)]:
         sched.add(req(name, prompt_len=3, max_tokens=1, priority=priority, first_token=hash(name) % 1000))
     done = run_all(sched)
-    assert [r.request_id for r in done] == ["e-1", "b0", "d0", "a1", "c1"]
+    assert [r.seq_id for r in done] == ["e-1", "b0", "d0", "a1", "c1"]
 
 
 def test_preempts_newest_when_blocks_run_out():
@@ -135,7 +136,7 @@ def test_preempts_newest_when_blocks_run_out():
             preempted_at = step
             assert new.status == Status.WAITING and new.num_computed_tokens == 0
             assert new.num_preemptions == 1 and sched.num_preemptions == 1
-            assert sched.running == [old] and batch.requests == [old]
+            assert sched.running == [old] and batch.sequences == [old]
             assert sched.waiting[0][1] is new
             assert not sched.blocks.tables.get("new")
             break
@@ -145,7 +146,7 @@ def test_preempts_newest_when_blocks_run_out():
     assert kept_outputs, "the preempted request keeps its output tokens to recompute them"
     simulate(sched, batch)
     done = run_all(sched)
-    assert [r.request_id for r in done] == ["old", "new"]
+    assert [r.seq_id for r in done] == ["old", "new"]
     assert new.output_ids[:len(kept_outputs)] == kept_outputs and new.num_output_tokens == 16
 
 
@@ -157,7 +158,7 @@ def test_preempted_request_goes_before_earlier_waiting_ones():
         sched.add(r)
     while not sched.num_preemptions:
         simulate(sched, sched.schedule())
-    assert [item[1].request_id for item in sched.waiting] == ["new", "queued"]
+    assert [item[1].seq_id for item in sched.waiting] == ["new", "queued"]
 
 
 def test_only_request_preempts_itself_and_recovers():
@@ -173,27 +174,26 @@ def test_siblings_wait_for_the_first_prompt():
     sched = make(max_num_batched_tokens=8)
     params = SamplingParams(n=3, temperature=1.0, max_tokens=2)
     prompt = list(range(20))
-    first = Request(list(prompt), params, request_id="g#0")
-    siblings = [Request(list(prompt), params, request_id=f"g#{i}", sample_index=i, wait_for=first) for i in (1, 2)]
+    first, *siblings = SequenceGroup.create("g", prompt, params, stop_ids=[]).sequences
     other = req("other", 3, max_tokens=1, first_token=500)
     for r in [first, *siblings, other]:
         sched.add(r)
     batch = sched.schedule()
-    assert batch.requests == [first] and batch.num_new_tokens == [8]
+    assert batch.sequences == [first] and batch.num_new_tokens == [8]
     simulate(sched, batch)
     while not first.prompt_done:
         batch = sched.schedule()
         # The siblings are skipped (not admitted to compute the same prompt again), but "other",
         # behind them in the queue, is not blocked by them.
-        assert all(s not in batch.requests for s in siblings)
+        assert all(s not in batch.sequences for s in siblings)
         simulate(sched, batch)
     assert other.is_finished
     hits_before = sched.blocks.prefix_hits
     batch = sched.schedule()
-    admitted = [r for r in batch.requests if r in siblings]
+    admitted = [r for r in batch.sequences if r in siblings]
     assert admitted == siblings  # in their own order, ahead of "other"
     assert all(s.num_cached_tokens == 16 for s in siblings)  # 4 full blocks of the 20-token prompt
     assert sched.blocks.prefix_hits - hits_before == 32
-    assert all(sched.blocks.table(s.request_id)[:4] == sched.blocks.table("g#0")[:4] for s in siblings)
+    assert all(sched.blocks.table(s.seq_id)[:4] == sched.blocks.table(first.seq_id)[:4] for s in siblings)
     simulate(sched, batch)
     run_all(sched)
