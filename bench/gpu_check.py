@@ -158,7 +158,7 @@ def engine_throughput(config, device, requests: int, max_num_seqs: int, cuda_gra
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     steps = []
-    engine.step_listeners.append(steps.append)
+    engine.events.on_step.append(steps.append)
 
     def run(n: int) -> float:
         for i in range(n):

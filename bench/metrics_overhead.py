@@ -74,8 +74,8 @@ def run(loaded, prompts: list[list[int]], output_len: int, metrics_on: bool, tim
     if metrics is not None:
         metrics.attach(engine, "smollm2", "bench")
         if timer is not None:  # _report builds the StepStats only when someone listens
-            engine._report = timer.wrap(engine._report)
-            engine.finish_listeners[:] = [timer.wrap(fn) for fn in engine.finish_listeners]
+            engine.core._report = timer.wrap(engine.core._report)
+            engine.events.on_finish[:] = [timer.wrap(fn) for fn in engine.events.on_finish]
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     tokens = []
     gc.collect()

@@ -8,9 +8,8 @@ release (the scheduler frees its KV blocks; the rest goes with the object).
 from __future__ import annotations
 
 import enum
-import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,16 +28,13 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-_seq_ids = itertools.count()
-
-
 @dataclass(eq=False)
 class Sequence:
     """One sample: prompt + output tokens, how many of them are in the KV cache, and its per-sample state."""
     prompt_ids: list[int]
     params: SamplingParams
+    seq_id: Hashable  # the block manager's key for its table: (request id, index) in a group
     stop_ids: list[int] = field(default_factory=list)  # token ids that end it (EOS unless ignored, stop_token_ids)
-    seq_id: Any = field(default_factory=lambda: next(_seq_ids))  # the block manager's key for its table
     priority: int = 0  # lower runs first; ties by arrival
     group: SequenceGroup | None = None  # the request it belongs to (None: a bare sequence, e.g. in tests)
     index: int = 0  # which of the group's n samples this is
@@ -123,8 +119,8 @@ class SequenceGroup:
                sink: OutputSink | None = None, priority: int = 0,
                detokenizer: Callable[[], IncrementalDetokenizer] | None = None) -> SequenceGroup:
         group = cls(request_id, [], sink)
-        group.sequences = [Sequence(list(prompt_ids), params, list(stop_ids), priority=priority, group=group,
-                                    index=i, detokenizer=detokenizer() if detokenizer else None)
+        group.sequences = [Sequence(list(prompt_ids), params, (request_id, i), list(stop_ids), priority=priority,
+                                    group=group, index=i, detokenizer=detokenizer() if detokenizer else None)
                            for i in range(params.n)]
         return group
 
