@@ -1,0 +1,338 @@
+"""Two commits of kvserve side by side in one run: offline engine throughput and HTTP single-stream tok/s.
+
+Each side is a checkout (a temporary git worktree for a revision, or this working tree itself), run by
+the same interpreter with cwd and PYTHONPATH set to the checkout so it imports its own model/ and
+service/. Every measurement is a fresh child process; rounds alternate which side goes first so that
+drift on the machine (thermals, neighbours) hits both.
+
+    .venv/bin/python bench/commit_ab.py --base HEAD~1 --rounds 3 --out bench/results/engine_structure_ab.md
+    .venv/bin/python bench/commit_ab.py --base HEAD~1 --head HEAD --quick --out /tmp/ab.md   # smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+CHILD_TIMEOUT_S = 1800
+
+# Runs inside a checkout. Only distinct_prompts comes from the checkout's bench/; the timed loop is this
+# string on both sides, so a change to the bench script itself cannot show up as a difference.
+ENGINE_CHILD = r"""
+import json, os, sys, time
+import torch
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import model, service
+from engine_throughput import distinct_prompts
+from model.loading import load_model
+from service.engine.config import EngineConfig
+from service.engine.engine import Engine
+from service.engine.request import SamplingParams
+
+spec = json.loads(sys.argv[1])
+torch.set_num_threads(os.cpu_count())
+loaded = load_model("smollm2", "bfloat16", "cpu", "int4")  # the server's CPU defaults
+prompts = distinct_prompts(loaded.tokenizer, max(spec["counts"].values()), spec["prompt_len"])
+
+def run(prompts, output_len, max_num_seqs):
+    engine = Engine(loaded, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
+                                         kv_cache_memory=2 << 30, max_queue=1 << 20))
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    done = []
+    start = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        engine.add_request(ids, params, f"ab{i}", lambda out: done.append(out) if out.finished else None)
+    while engine.has_unfinished():
+        engine.step()
+    elapsed = time.perf_counter() - start
+    tokens = sum(out.num_output_tokens for out in done)
+    assert tokens == len(prompts) * output_len, f"{tokens} tokens, expected {len(prompts) * output_len}"
+    return tokens / elapsed
+
+for seqs in spec["counts"]:  # warm up every batch shape that is timed, not just one
+    run(prompts[:min(int(seqs), 2)], 4, int(seqs))
+result = {f"engine_seqs{seqs}": run(prompts[:count], spec["output_len"], int(seqs))
+          for seqs, count in spec["counts"].items()}
+result.update(service_file=service.__file__, model_file=model.__file__)
+print("RESULT " + json.dumps(result), flush=True)
+"""
+
+IMPORT_CHECK = ("import json, clients, model, service; "
+                "print(json.dumps([clients.__file__, model.__file__, service.__file__]))")
+
+
+@dataclass
+class Checkout:
+    side: str  # "base" or "head"
+    path: Path
+    label: str  # short hash, plus a note for an uncommitted working tree
+    worktree: bool
+
+
+def git(*args: str, cwd: Path = REPO) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def describe(rev: str) -> str:
+    return git("log", "-1", "--format=%h %s", rev)[:100]
+
+
+def make_checkout(side: str, rev: str | None, tmp: Path) -> Checkout:
+    if rev is None:
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        note = " + uncommitted changes" if dirty else ""
+        return Checkout(side, REPO, f"working tree at {git('rev-parse', '--short', 'HEAD')}{note}", False)
+    path = tmp / side
+    git("worktree", "add", "--detach", str(path), rev)
+    return Checkout(side, path, git("rev-parse", "--short", rev), True)
+
+
+def child_env(checkout: Checkout) -> dict[str, str]:
+    # The venv's editable install points at /work/main; PYTHONPATH (plus cwd as sys.path[0] for -c and
+    # -m) puts the checkout ahead of it. verify_imports proves it rather than trusting it.
+    return dict(os.environ, PYTHONPATH=str(checkout.path), PYTHONUNBUFFERED="1")
+
+
+def inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
+
+
+def verify_imports(python: str, checkout: Checkout) -> None:
+    proc = subprocess.run([python, "-c", IMPORT_CHECK], cwd=checkout.path, env=child_env(checkout),
+                          capture_output=True, text=True, check=True)
+    files = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not all(inside(f, checkout.path) for f in files):
+        raise SystemExit(f"{checkout.side}: imports {files}, not the checkout {checkout.path}; refusing to "
+                         "measure the wrong code")
+
+
+def measure_engine(python: str, checkout: Checkout, spec: dict) -> dict:
+    proc = subprocess.run([python, "-c", ENGINE_CHILD, json.dumps(spec)], cwd=checkout.path,
+                          env=child_env(checkout), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{checkout.side} engine child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    for key in ("service_file", "model_file"):
+        if not inside(result.pop(key), checkout.path):
+            raise RuntimeError(f"{checkout.side} engine child imported code from outside {checkout.path}")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class CheckoutServer:
+    """`python -m service serve` from a checkout; started on enter (waits for /health), stopped by PID."""
+
+    def __init__(self, python: str, checkout: Checkout, startup_timeout: float = 300.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [python, "-m", "service", "serve", "--port", str(self.port), "--host", "127.0.0.1"]
+        self.checkout, self.startup_timeout = checkout, startup_timeout
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"kvserve-ab-{checkout.side}-", suffix=".log")
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> CheckoutServer:
+        self.proc = subprocess.Popen(self.command, cwd=self.checkout.path, env=child_env(self.checkout),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.checkout.side} server exited {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise RuntimeError(f"{self.checkout.side} server not healthy in {self.startup_timeout} s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-3000:]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def prompt_texts(count: int, length: int) -> list[str]:
+    # Plain words, about one token each; twice the needed length, cut to exactly `length` tokens by the
+    # server's own tokenizer. "Request i" first, so no two prompts share a cached prefix block.
+    words = ("harbor lantern velvet granite whisper meadow copper violet tunnel canyon"
+             " pebble saddle orchard falcon marble ribbon glacier compass").split()
+    rng = random.Random(1)
+    return [" ".join([f"Request {i}:"] + [rng.choice(words) for _ in range(length * 2)]) for i in range(count)]
+
+
+def stream_one(client: httpx.Client, url: str, ids: list[int], max_tokens: int) -> dict:
+    body = {"model": "smollm2", "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    first = last = usage = None
+    start = time.perf_counter()
+    with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if "error" in event:
+                raise RuntimeError(f"stream error: {event['error']}")
+            usage = event.get("usage") or usage
+            if event.get("choices"):
+                last = time.perf_counter()
+                first = first or last
+    if usage is None or usage["completion_tokens"] != max_tokens:
+        raise RuntimeError(f"expected {max_tokens} completion tokens, usage was {usage}")
+    return {"tok_per_s": max_tokens / (last - start), "ttft_ms": (first - start) * 1000}
+
+
+def measure_http(python: str, checkout: Checkout, spec: dict) -> dict:
+    texts = prompt_texts(spec["http_requests"] + 1, spec["prompt_len"])
+    with CheckoutServer(python, checkout) as server, httpx.Client(timeout=600) as client:
+        prompts = []
+        for text in texts:
+            tokens = client.post(server.url + "/tokenize", json={"prompt": text}).raise_for_status().json()["tokens"]
+            assert len(tokens) >= spec["prompt_len"], "prompt text shorter than the prompt length"
+            prompts.append(tokens[:spec["prompt_len"]])
+        stream_one(client, server.url, prompts[0], spec["output_len"])  # warm up
+        runs = [stream_one(client, server.url, ids, spec["output_len"]) for ids in prompts[1:]]
+    return {"http_tok_per_s": statistics.median(r["tok_per_s"] for r in runs),
+            "http_ttft_ms": statistics.median(r["ttft_ms"] for r in runs),
+            "http_runs_tok_per_s": [round(r["tok_per_s"], 1) for r in runs]}
+
+
+def run_rounds(python: str, checkouts: list[Checkout], spec: dict, rounds: int) -> list[dict]:
+    raw = []
+    for number in range(rounds):
+        order = checkouts if number % 2 == 0 else checkouts[::-1]
+        results = {c.side: {} for c in order}
+        # Measurement-major: the same measurement runs back to back on both sides.
+        for measure in (measure_engine, measure_http):
+            for checkout in order:
+                measured = measure(python, checkout, spec)
+                results[checkout.side].update(measured)
+                print(f"round {number + 1} {checkout.side} {measure.__name__}: {measured}", flush=True)
+        raw.append({"round": number + 1, "order": [c.side for c in order], **results})
+    return raw
+
+
+def metric_names(spec: dict) -> list[tuple[str, str]]:
+    engine = [(f"engine_seqs{s}", f"engine output tok/s, max_num_seqs {s} ({n} requests)")
+              for s, n in spec["counts"].items()]
+    return engine + [("http_tok_per_s", "HTTP single-stream tok/s"), ("http_ttft_ms", "HTTP TTFT ms")]
+
+
+def summary_table(raw: list[dict], spec: dict) -> list[str]:
+    lines = ["| metric | base (median) | head (median) | head/base | base min–max | head min–max |",
+             "|---|---|---|---|---|---|"]
+    for key, name in metric_names(spec):
+        base, head = ([r[side][key] for r in raw] for side in ("base", "head"))
+        b, h = statistics.median(base), statistics.median(head)
+        lines.append(f"| {name} | {b:.1f} | {h:.1f} | {h / b:.3f} | {min(base):.1f}–{max(base):.1f} "
+                     f"| {min(head):.1f}–{max(head):.1f} |")
+    return lines
+
+
+def raw_table(raw: list[dict], spec: dict) -> list[str]:
+    keys = [key for key, _ in metric_names(spec)]
+    lines = ["| round | side (order) | " + " | ".join(keys) + " | HTTP tok/s per request |",
+             "|---" * (len(keys) + 3) + "|"]
+    for r in raw:
+        for position, side in enumerate(r["order"]):
+            values = " | ".join(f"{r[side][k]:.1f}" for k in keys)
+            lines.append(f"| {r['round']} | {side} ({position + 1}) | {values} | {r[side]['http_runs_tok_per_s']} |")
+    return lines
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_"))}
+    return (f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"
+            + (f", env {omp}" if omp else ""))
+
+
+def report(raw: list[dict], checkouts: list[Checkout], revs: dict, spec: dict, header: list[str]) -> str:
+    sides = [f"- {c.side}: {c.label}" + (f" (`{revs[c.side]}`: {describe(revs[c.side])})" if c.worktree else "")
+             for c in checkouts]
+    lines = [f"# kvserve commit A/B: {checkouts[0].label} vs {checkouts[1].label} ({time.strftime('%Y-%m-%d')})",
+             "", *sides, "", *header, "",
+             f"{len(raw)} round(s), order alternating; engine: distinct {spec['prompt_len']}-token prompts x "
+             f"{spec['output_len']} output tokens, greedy, EOS ignored, bfloat16 + int4 on CPU; HTTP: "
+             f"1 warm-up + {spec['http_requests']} streamed /v1/completions, one at a time, tok/s = output "
+             "tokens / (request sent -> last token), per-round value = median over requests.", "",
+             *summary_table(raw, spec), "", "## Raw rounds", "", *raw_table(raw, spec)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="HEAD~1", help="revision for the base side (default HEAD~1)")
+    parser.add_argument("--head", default=None, help="revision for the head side (default: this working tree)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests-at-1", type=int, default=4, help="engine requests at max_num_seqs 1")
+    parser.add_argument("--requests", type=int, default=16, help="engine requests at max_num_seqs 16")
+    parser.add_argument("--http-requests", type=int, default=5, help="measured HTTP requests per round")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 requests, 16 tokens "
+                                                                "(explicit flags still win)")
+    parser.add_argument("--out", default=str(REPO / "bench/results/engine_structure_ab.md"))
+    if "--quick" in sys.argv[1:]:
+        parser.set_defaults(rounds=1, requests_at_1=2, requests=2, http_requests=2, output_len=16)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    header = [f"Machine: {machine()}", "",
+              f"Command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`"]
+    spec = {"counts": {"1": args.requests_at_1, "16": args.requests}, "prompt_len": args.prompt_len,
+            "output_len": args.output_len, "http_requests": args.http_requests}
+    revs = {"base": args.base, "head": args.head}
+    tmp = Path(tempfile.mkdtemp(prefix="kvserve-ab-"))
+    checkouts = []
+    try:
+        for side in ("base", "head"):
+            checkouts.append(make_checkout(side, revs[side], tmp))
+            verify_imports(sys.executable, checkouts[-1])
+        raw = run_rounds(sys.executable, checkouts, spec, args.rounds)
+        text = report(raw, checkouts, revs, spec, header)
+    finally:
+        for checkout in checkouts:
+            if checkout.worktree:
+                git("worktree", "remove", "--force", str(checkout.path))
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
