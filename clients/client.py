@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import json
 import logging
 import os
@@ -48,6 +49,16 @@ def retry_delay(attempt: int, retry_after: str | None, backoff: float, max_backo
     return min(max_backoff, backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
 
 
+def failed(response: httpx.Response) -> bool:
+    """Whether the answer is an error status, whose body then has to be read to say what went wrong."""
+    return response.status_code >= 400
+
+
+def answer_error(response: httpx.Response, body: bytes) -> APIStatusError:
+    """The typed error of a failed answer, from its status, its already-read body and its headers."""
+    return status_error(response.status_code, body.decode(errors="replace"), response.headers)
+
+
 @dataclass(frozen=True)
 class Call:
     method: str
@@ -56,6 +67,10 @@ class Call:
     convert: Callable[[Any], Any] = lambda data: data
     stream: bool = False
     needs_model: bool = False
+
+    def request(self, http: httpx.Client | httpx.AsyncClient, body: dict | None) -> httpx.Request:
+        """This call as a request built by either kind of client; `body`: the call's, with the model set."""
+        return http.build_request(self.method, self.path, json=body)
 
 
 class _Endpoints:
@@ -129,9 +144,11 @@ class _Options:
         return {"base_url": self.base_url, "headers": self.headers,
                 "timeout": httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))}
 
-    def next_delay(self, attempt: int, error: KvserveError) -> float | None:
+    def retry_wait(self, attempt: int, error: KvserveError) -> float:
+        """Seconds to sleep before sending again after failed attempt number `attempt` (from 0); raises
+        the error itself when it is not retryable or the retries are spent."""
         if attempt >= self.max_retries or not error.retryable:
-            return None
+            raise error
         headers = error.headers if isinstance(error, APIStatusError) else {}
         delay = retry_delay(attempt, headers.get("retry-after"), self.backoff, self.max_backoff)
         log.info("retry %d/%d in %.2f s after: %s", attempt + 1, self.max_retries, delay, error)
@@ -179,24 +196,17 @@ class Client(_Endpoints):
         return self.options.model
 
     def _send(self, call: Call, body: dict | None) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
-                response = self._http.send(self._http.build_request(call.method, call.path, json=body),
-                                           stream=True)
+                response = self._http.send(call.request(self._http, body), stream=True)
             except httpx.HTTPError as exc:
                 error = connection_error(exc)
             else:
-                if response.status_code < 400:
+                if not failed(response):
                     return response
-                text = response.read().decode(errors="replace")
+                error = answer_error(response, response.read())
                 response.close()
-                error = status_error(response.status_code, text, response.headers)
-            delay = self.options.next_delay(attempt, error)
-            if delay is None:
-                raise error
-            time.sleep(delay)
-            attempt += 1
+            time.sleep(self.options.retry_wait(attempt, error))
 
 
 class AsyncClient(_Endpoints):
@@ -238,21 +248,14 @@ class AsyncClient(_Endpoints):
         return self.options.model
 
     async def _send(self, call: Call, body: dict | None) -> httpx.Response:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
-                response = await self._http.send(self._http.build_request(call.method, call.path, json=body),
-                                                 stream=True)
+                response = await self._http.send(call.request(self._http, body), stream=True)
             except httpx.HTTPError as exc:
                 error = connection_error(exc)
             else:
-                if response.status_code < 400:
+                if not failed(response):
                     return response
-                text = (await response.aread()).decode(errors="replace")
+                error = answer_error(response, await response.aread())
                 await response.aclose()
-                error = status_error(response.status_code, text, response.headers)
-            delay = self.options.next_delay(attempt, error)
-            if delay is None:
-                raise error
-            await asyncio.sleep(delay)
-            attempt += 1
+            await asyncio.sleep(self.options.retry_wait(attempt, error))

@@ -17,6 +17,14 @@ def connection_error(exc: httpx.HTTPError) -> APIConnectionError:
                        retryable=isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)))
 
 
+def to_chunk(data: Any, convert: Callable[[Any], Any]):
+    """One SSE data item as a typed chunk; an error event the server sent mid-stream is raised instead."""
+    error = stream_error(data)
+    if error is not None:
+        raise error
+    return convert(data)
+
+
 class Stream:
     """Typed chunks of one streamed response; an iterator. Closing it (or leaving its `with` block)
     closes the connection, and the server aborts the request."""
@@ -28,10 +36,7 @@ class Stream:
     def _iterate(self) -> Iterator:
         try:
             for data in iter_data(iter_events(self.response.iter_bytes())):
-                error = stream_error(data)
-                if error is not None:
-                    raise error
-                yield self._convert(data)
+                yield to_chunk(data, self._convert)
         except httpx.HTTPError as exc:
             raise connection_error(exc) from exc
         finally:
@@ -64,10 +69,7 @@ class AsyncStream:
     async def _iterate(self) -> AsyncIterator:
         try:
             async for data in aiter_data(aiter_events(self.response.aiter_bytes())):
-                error = stream_error(data)
-                if error is not None:
-                    raise error
-                yield self._convert(data)
+                yield to_chunk(data, self._convert)
         except httpx.HTTPError as exc:
             raise connection_error(exc) from exc
         finally:
