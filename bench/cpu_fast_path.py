@@ -28,8 +28,8 @@ def measure(dtype: str, quantization: str | None) -> dict[int, float]:
     """Runs in the child: decode tok/s at batch 1 and 16."""
     import torch
 
-    from model.attention import AttentionMetadata, allocate_kv_cache
     from model.loading import load_model
+    from model.network.attention import AttentionMetadata, allocate_kv_cache
 
     torch.set_grad_enabled(False)
     loaded = load_model("smollm2", dtype, "cpu", quantization)

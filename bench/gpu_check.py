@@ -26,11 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import projections, triton_decode  # noqa: E402
-from model.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from model.config import preset  # noqa: E402
+from model.kernels import decode  # noqa: E402
+from model.kernels.plan import KernelPlan  # noqa: E402
 from model.loading import build_model  # noqa: E402
-from model.weights import random_weights  # noqa: E402
+from model.loading.weights import random_weights  # noqa: E402
+from model.network.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from service.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM datasheet peaks
@@ -64,14 +65,16 @@ def batch1_decode(config, device) -> list[str]:
     model = build_model(config, random_weights(config), "random", torch.bfloat16, device)
     cache = allocate_kv_cache(config, 65, 16, torch.bfloat16, device)  # block 64: the graphs' scratch block
     table = list(range(64))
-    graphs = DecodeGraphs(model, cache, 16, 8, 64, 64, torch.device(device))  # captured below
-    lines, splitting = [], triton_decode.PROGRAMS_PER_MULTIPROCESSOR
+    graphs = DecodeGraphs(model, KernelPlan(), cache, 16, 8, 64, 64, torch.device(device))  # captured below
+    kernels = graphs.kernels  # the eager steps run with the plan the graphs tune
+    lines, splitting = [], decode.PROGRAMS_PER_MULTIPROCESSOR
     with torch.inference_mode():
-        model(torch.arange(128, device=device), AttentionMetadata.build([128], [128], [table], device=device), cache)
+        model(torch.arange(128, device=device), AttentionMetadata.build([128], [128], [table], device=device), cache,
+              kernels=kernels)
 
         def eager(i):
             return model(torch.ones(1, dtype=torch.long, device=device),
-                         AttentionMetadata.build([1], [129 + i], [table], device=device), cache)
+                         AttentionMetadata.build([1], [129 + i], [table], device=device), cache, kernels=kernels)
 
         def graph(i):
             return graphs.run([1], [129 + i], [table])
@@ -82,15 +85,14 @@ def batch1_decode(config, device) -> list[str]:
         def graph_cublas(i):  # every projection unfused on cuBLAS, for comparison
             return cublas.run([1], [129 + i], [table])
 
-        triton_decode.PROGRAMS_PER_MULTIPROCESSOR = 0  # choose_splits -> 1 while these graphs capture
-        unsplit = DecodeGraphs(model, cache, 16, 1, 64, 64, torch.device(device))
+        decode.PROGRAMS_PER_MULTIPROCESSOR = 0  # choose_splits -> 1 while these graphs capture
+        unsplit = DecodeGraphs(model, KernelPlan(), cache, 16, 1, 64, 64, torch.device(device))
         unsplit.capture_all()
-        triton_decode.PROGRAMS_PER_MULTIPROCESSOR = splitting
-        candidates, projections.CANDIDATES = projections.CANDIDATES, ()  # tuning keeps every path unfused
-        cublas = DecodeGraphs(model, cache, 16, 1, 64, 64, torch.device(device))
+        decode.PROGRAMS_PER_MULTIPROCESSOR = splitting
+        # No candidates: tuning keeps every path unfused.
+        cublas = DecodeGraphs(model, KernelPlan(candidates=()), cache, 16, 1, 64, 64, torch.device(device))
         cublas.capture_all()
-        projections.CANDIDATES = candidates
-        graphs.capture_all()  # last, so the plans linear() keeps are the tuned ones again
+        graphs.capture_all()
         lines += gemv_tuning_lines(graphs.gemv_tuning)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         name = torch.cuda.get_device_name()
@@ -110,10 +112,10 @@ def batch1_decode(config, device) -> list[str]:
         tables = [table[:16], table[16:32], table[32:48]]
         ids, lens = [5, 6, 7], [100, 37, 250]
         model(torch.arange(250, device=device) % 1000, AttentionMetadata.build([250], [250], [table[32:48]],
-                                                                               device=device), cache)
+                                                                               device=device), cache, kernels=kernels)
         replayed = graphs.run(ids, lens, tables).clone()
         direct = model(torch.tensor(ids, device=device), AttentionMetadata.build([1, 1, 1], lens, tables,
-                                                                                 device=device), cache)
+                                                                                 device=device), cache, kernels=kernels)
         diff = float((replayed - direct).abs().max())
         lines.append(f"- CUDA graph (batch 3 padded to 4) vs eager logits: max |diff| {diff:.3g} "
                      f"({'PASS' if diff <= 1e-2 * float(direct.abs().max()) else 'FAIL'})")

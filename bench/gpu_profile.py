@@ -19,10 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_check import _ByteTokenizer, KV_CACHE_BYTES  # noqa: E402
-from model.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from model.config import preset  # noqa: E402
+from model.kernels.plan import KernelPlan  # noqa: E402
 from model.loading import LoadedModel, build_model  # noqa: E402
-from model.weights import random_weights  # noqa: E402
+from model.loading.weights import random_weights  # noqa: E402
+from model.network.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
@@ -60,9 +61,10 @@ def profile_engine(model, config, device, batch: int = 64) -> None:
 def profile_graph_decode(model, config, device) -> None:
     cache = allocate_kv_cache(config, 65, 16, torch.bfloat16, device)
     table = list(range(64))
-    graphs = DecodeGraphs(model, cache, 16, 8, 64, 64, torch.device(device))
+    graphs = DecodeGraphs(model, KernelPlan(), cache, 16, 8, 64, 64, torch.device(device))
     with torch.inference_mode():
-        model(torch.arange(128, device=device), AttentionMetadata.build([128], [128], [table], device=device), cache)
+        model(torch.arange(128, device=device), AttentionMetadata.build([128], [128], [table], device=device), cache,
+              kernels=graphs.kernels)
         for i in range(8):
             graphs.run([1], [129 + i], [table])
         torch.cuda.synchronize()

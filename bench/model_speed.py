@@ -32,8 +32,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from model.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 from model.loading import LoadedModel, load_model, smollm2_path  # noqa: E402
+from model.network.attention import AttentionMetadata, allocate_kv_cache  # noqa: E402
 
 BLOCK_SIZE = 16
 PREFILL_LEN, PREFILL_RUNS = 512, 5

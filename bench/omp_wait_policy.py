@@ -7,7 +7,7 @@ Results: bench/results/omp_wait_policy.md.
 import os, sys, time, torch, statistics
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
 from model.loading import load_model
-from model.attention import AttentionMetadata, allocate_kv_cache
+from model.network.attention import AttentionMetadata, allocate_kv_cache
 dtype = sys.argv[1]; threads = int(sys.argv[2])
 torch.set_num_threads(threads)
 lm = load_model("smollm2", dtype)

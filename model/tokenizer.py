@@ -9,7 +9,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from model.weights import LoadError
+from model.loading.weights import LoadError
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that are special tokens
 # Pre-tokenizer regexes by llama.cpp's `tokenizer.ggml.pre` name.
@@ -77,6 +77,11 @@ class TextTokenizer:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id] + ids if self.add_bos and self.bos_token_id is not None else ids
 
+    def encode_with_offsets(self, text: str) -> list[tuple[int, int, int]]:
+        """(token id, start, stop) per token, where text[start:stop] is the token's text; no BOS."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return [(token_id, start, stop) for token_id, (start, stop) in zip(encoding.ids, encoding.offsets)]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -114,7 +119,7 @@ def _compile_template(source: str):
 
 
 def tokenizer_from_gguf(reader, path: Path) -> TextTokenizer:
-    from model.gguf_weights import metadata
+    from model.loading.gguf_file import metadata
 
     kind = metadata(reader, "tokenizer.ggml.model")
     if kind != "gpt2":

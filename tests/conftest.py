@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import pytest
 
+from model.loading import LoadedModel, load_model
 from tests.server_process import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) in float32, loaded once for every test
+    folder: it takes ~12 s."""
+    return load_model("smollm2")
 
 
 @pytest.fixture(scope="session")

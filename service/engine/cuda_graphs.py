@@ -9,7 +9,7 @@ never touch a live sequence. All sizes are captured at start-up, largest first, 
 (only one graph replays at a time, so their intermediates can share it); each copies its logits into
 one static buffer, so a graph keeps nothing of its own alive.
 
-Only possible because decode attention is the Triton paged kernel (model/triton_decode.py): its launch
+Only possible because decode attention is the Triton paged kernel (model/kernels/decode.py): its launch
 shape depends on the batch size and the table width alone, the context lengths are read from a tensor.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from model import projections
-from model.attention import AttentionMetadata, DecodeRows, KVCache, pad_block_tables
+from model.kernels.plan import KernelPlan, TuneResult
+from model.network.attention import AttentionMetadata, DecodeRows, KVCache, pad_block_tables
 
 log = logging.getLogger("kvserve.cuda_graphs")
 
@@ -33,9 +33,11 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, kv_caches: list[KVCache], block_size: int,
+    def __init__(self, model: torch.nn.Module, kernels: KernelPlan, kv_caches: list[KVCache], block_size: int,
                  max_batch: int, max_blocks_per_seq: int, scratch_block: int, device: torch.device):
-        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        """`kernels`: the plan the graphs run with; each size's projections are tuned into it before its
+        capture."""
+        self.model, self.kernels, self.kv_caches, self.block_size = model, kernels, kv_caches, block_size
         self.sizes = graph_batch_sizes(max_batch)
         self.scratch_block = scratch_block
         n, long = self.sizes[-1], dict(dtype=torch.long, device=device)
@@ -48,7 +50,7 @@ class DecodeGraphs:
         self.logits = torch.zeros(n, model.config.vocab_size, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
-        self.gemv_tuning: list[projections.TuneResult] = []
+        self.gemv_tuning: list[TuneResult] = []
 
     @torch.inference_mode()
     def capture_all(self) -> None:
@@ -74,7 +76,7 @@ class DecodeGraphs:
         # The Python-side lengths only feed checks made while capturing; the graph reads the tensors.
         return AttentionMetadata([1] * size, [1] * size, self.positions[:size], self.rows[:size],
                                  self.slot_mapping[:size], decode, [], self.model.config.sliding_window,
-                                 triton_kernels=True)
+                                 triton_attention=True)
 
     def _stage(self, size: int, token_ids: list[int], context_lens: list[int],
                block_tables: list[list[int]]) -> None:
@@ -96,7 +98,7 @@ class DecodeGraphs:
 
     def _capture(self, size: int) -> torch.cuda.CUDAGraph:
         # A small batch's projections: the Triton GEMV where it beats the unfused path on this card (timed now).
-        for result in projections.tune_model(self.model, [size]):
+        for result in self.kernels.tune_model(self.model, [size]):
             self.gemv_tuning.append(result)
             log.debug("%s projection %s x %d rows: unfused %.1f us, %s %.1f us", result.kind, result.shape,
                       result.rows, result.unfused_us, result.best or "no kernel faster", result.best_us)
@@ -105,11 +107,11 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
             for _ in range(2):
-                self.model(self.input_ids[:size], meta, self.kv_caches)
+                self.model(self.input_ids[:size], meta, self.kv_caches, kernels=self.kernels)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[:size].copy_(self.model(self.input_ids[:size], meta, self.kv_caches))
+            self.logits[:size].copy_(self.model(self.input_ids[:size], meta, self.kv_caches, kernels=self.kernels))
         self.pool = graph.pool()
         return graph
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model import triton_decode
-from model.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block, to_device
+from model.kernels.decode import triton_available
+from model.kernels.plan import KernelPlan
+from model.network.attention import AttentionMetadata, allocate_kv_cache, kv_cache_bytes_per_block, to_device
 from model.loading import LoadedModel
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.sequence import Sequence
@@ -58,14 +59,15 @@ class Runner:
         self.config = loaded.config
         self.device = loaded.device
         self.cache = cache
-        use_graphs = cuda_graphs and triton_decode.available(self.device)
+        self.kernels = KernelPlan() if triton_available(self.device) else None
+        use_graphs = cuda_graphs and self.kernels is not None
         # Graphs need one scratch block for their padding rows, past the blocks the engine hands out.
         self.kv_caches = allocate_kv_cache(loaded.config, cache.num_blocks + use_graphs, cache.block_size,
                                            loaded.dtype, loaded.device)
         self.graphs = None
         if use_graphs:
             max_len = max_model_len or loaded.config.max_position
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, cache.block_size, max_batch,
+            self.graphs = DecodeGraphs(self.model, self.kernels, self.kv_caches, cache.block_size, max_batch,
                                        -(-max_len // cache.block_size), cache.num_blocks, self.device)
             self.graphs.capture_all()
         self.sampler = Sampler(loaded.config.vocab_size, seed=seed)
@@ -100,10 +102,10 @@ class Runner:
         if not sample_rows:
             # A step of prefill chunks only: fill the cache, skip the output head.
             self.model(to_device(token_ids, self.device), meta, self.kv_caches,
-                       logits_index=meta.logits_index[:0])
+                       logits_index=meta.logits_index[:0], kernels=self.kernels)
             return [], None
         logits = self.model(to_device(token_ids, self.device), meta, self.kv_caches,
-                            logits_index=meta.logits_index[sample_rows])
+                            logits_index=meta.logits_index[sample_rows], kernels=self.kernels)
         return sample_rows, self.sampler.sample(logits, self._sampling_rows(sequences, sample_rows))
 
     def _sampling_rows(self, sequences: list[Sequence], sample_rows: list[int]) -> list[SamplingRow]:

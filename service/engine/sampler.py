@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from model.attention import to_device
+from model.network.attention import to_device
 from service.engine.request import SamplingParams
 
 # Below this a temperature is treated as greedy: dividing by it would overflow to inf and give NaNs.

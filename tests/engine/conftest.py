@@ -1,15 +1,16 @@
-"""Fixtures for the engine tests: the real SmolLM2 tokenizer, a tiny random model over its vocabulary,
-and the real SmolLM2 model. Helpers that build and drive engines live in engine_helpers.py."""
+"""Fixtures for the engine tests: the real SmolLM2 tokenizer and a tiny random model over its vocabulary
+(the real SmolLM2 model is tests/conftest.py's `smollm2`). Helpers that build and drive engines live in
+engine_helpers.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from model.config import tiny
-from model.gguf_weights import open_gguf
-from model.loading import LoadedModel, build_model, load_model, smollm2_path
+from model.loading import LoadedModel, build_model, smollm2_path
+from model.loading.gguf_file import open_gguf
+from model.loading.weights import random_weights
 from model.tokenizer import TextTokenizer, tokenizer_from_gguf
-from model.weights import random_weights
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +25,6 @@ def tiny_loaded(smollm2_tokenizer) -> LoadedModel:
     config = tiny("smollm2-135m", vocab_size=49152, max_position=2048)
     model = build_model(config, random_weights(config, seed=0), "tiny")
     return LoadedModel(model, config, smollm2_tokenizer, "tiny", torch.float32, torch.device("cpu"), 0.0)
-
-
-@pytest.fixture(scope="session")
-def smollm2_loaded() -> LoadedModel:
-    """The real SmolLM2-135M-Instruct in float32 (~12 s to load)."""
-    return load_model("smollm2")
 
 
 @pytest.fixture(scope="module", autouse=True)

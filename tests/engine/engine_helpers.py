@@ -6,7 +6,7 @@ import random
 import threading
 from dataclasses import dataclass, field
 
-from model.attention import kv_cache_bytes_per_block
+from model.network.attention import kv_cache_bytes_per_block
 from model.loading import LoadedModel
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine

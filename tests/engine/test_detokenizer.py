@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from model.gguf_weights import open_gguf
+from model.loading.gguf_file import open_gguf
 from model.loading import smollm2_path
 from model.tokenizer import tokenizer_from_gguf
 from service.engine.detokenizer import IncrementalDetokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import AttentionMetadata
+from model.network.attention import AttentionMetadata
 from service.engine.request import SamplingParams
 from tests.engine.engine_helpers import Collector, generate, greedy, make_engine, random_prompt, run_engine
 

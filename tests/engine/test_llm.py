@@ -20,9 +20,9 @@ def chat(tok, question: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def workload(smollm2_loaded):
+def workload(smollm2):
     """4 chat prompts and 12 plain-text prompts of 8 to 85 tokens (sharing prefixes, as real traffic does)."""
-    tok = smollm2_loaded.tokenizer
+    tok = smollm2.tokenizer
     prompts = {f"chat{i}": chat(tok, q) for i, q in enumerate(QUESTIONS)}
     for i in range(12):
         text = FILLER * (1 + i % 4) + f"Question {i}: what happened next?"
@@ -31,10 +31,10 @@ def workload(smollm2_loaded):
 
 
 @pytest.fixture(scope="module")
-def chats_alone(smollm2_loaded, workload):
+def chats_alone(smollm2, workload):
     results = Collector()
     for request_id in [k for k in workload if k.startswith("chat")]:
-        got = generate(make_engine(smollm2_loaded, 64), {request_id: workload[request_id]}, greedy(MAX_TOKENS))
+        got = generate(make_engine(smollm2, 64), {request_id: workload[request_id]}, greedy(MAX_TOKENS))
         results.results.update(got.results)
     return results
 
@@ -53,8 +53,8 @@ def test_chat_answers_are_sensible(chats_alone):
 
 
 @pytest.mark.slow
-def test_greedy_output_is_batch_invariant(smollm2_loaded, workload, chats_alone):
-    engine = make_engine(smollm2_loaded, 256, max_num_batched_tokens=128)
+def test_greedy_output_is_batch_invariant(smollm2, workload, chats_alone):
+    engine = make_engine(smollm2, 256, max_num_batched_tokens=128)
     steps = []
     engine.events.on_step.append(steps.append)
     together = generate(engine, workload, greedy(MAX_TOKENS))
@@ -65,19 +65,19 @@ def test_greedy_output_is_batch_invariant(smollm2_loaded, workload, chats_alone)
 
 
 @pytest.mark.slow
-def test_greedy_output_survives_preemption(smollm2_loaded, workload, chats_alone):
-    engine = make_engine(smollm2_loaded, 24, max_num_batched_tokens=128)  # the 16 need ~70 blocks
+def test_greedy_output_survives_preemption(smollm2, workload, chats_alone):
+    engine = make_engine(smollm2, 24, max_num_batched_tokens=128)  # the 16 need ~70 blocks
     together = generate(engine, workload, greedy(MAX_TOKENS))
     assert engine.core.scheduler.num_preemptions > 0
     assert_chats_match(chats_alone, together)
 
 
 @pytest.mark.slow
-def test_streamed_chinese_never_splits_a_character(smollm2_loaded):
-    tok = smollm2_loaded.tokenizer
+def test_streamed_chinese_never_splits_a_character(smollm2):
+    tok = smollm2.tokenizer
     prompt = tok.encode(tok.render_chat([{"role": "user", "content": "请用中文写一段关于北京的介绍。"}])
                         + "北京是中国的首都，")
-    result = generate(make_engine(smollm2_loaded, 64), {"zh": prompt}, greedy(MAX_TOKENS))["zh"]
+    result = generate(make_engine(smollm2, 64), {"zh": prompt}, greedy(MAX_TOKENS))["zh"]
     pieces = [out.new_text for out in result.outputs]
     # Only the final piece may hold U+FFFD: when max_tokens cuts a character, finish() releases its
     # incomplete bytes as tokenizer.decode does. Before that, a partial character is held back.

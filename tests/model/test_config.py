@@ -8,7 +8,7 @@ import pytest
 
 from model.config import PRESETS, ModelConfig, preset, tiny
 from model.loading import build_model
-from model.weights import expected_shapes, random_weights
+from model.loading.weights import expected_shapes, random_weights
 
 ARCHITECTURE = ("activation", "norm", "norm_placement", "positional_encoding", "attention_bias",
                 "mlp_bias", "tie_embeddings")

@@ -12,11 +12,11 @@ import functools
 import pytest
 import torch
 
-from model.transformer import Transformer
-from model.attention import AttentionMetadata, allocate_kv_cache
 from model.config import tiny
 from model.loading import build_model
-from model.weights import random_weights
+from model.loading.weights import random_weights
+from model.network.attention import AttentionMetadata, allocate_kv_cache
+from model.network.transformer import Transformer
 
 # fp32 on CPU: cached and uncached paths differ only by summation order (~2e-6 on logits of ~2).
 ATOL = 1e-5

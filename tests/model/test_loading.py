@@ -9,10 +9,11 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import save_file
 
-from model.attention import AttentionMetadata
 from model.config import preset, tiny
-from model.loading import SMOLLM2_FILE, build_model, load_model, read_model
-from model.weights import LoadError, random_weights
+from model.loading import build_model, load_model, read_model
+from model.loading.loader import SMOLLM2_FILE
+from model.loading.weights import LoadError, random_weights
+from model.network.attention import AttentionMetadata
 from tests.model.writers import (QTYPES, gpt2_gguf_metadata, gpt2_gguf_tensors, llama_gguf_metadata,
                                  llama_gguf_tensors, lossy, write_gguf, write_gpt2_gguf, write_hf_folder,
                                  write_hf_gpt2, write_hf_llama, write_llama_gguf)

@@ -1,4 +1,4 @@
-"""int4 weight-only projections (model/quantization.py): exact on Q4_1-shaped weights, close to the
+"""int4 weight-only projections (model/quantization/int4.py): exact on Q4_1-shaped weights, close to the
 dequantized matmul, and as faithful to the float32 reference on the real model as plain bfloat16."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from torch import nn
 
 from model.config import tiny
 from model.loading import build_model, load_model
-from model.quantization import (DENSE_FROM_TOKENS, GROUP_SIZE, HEAD_CODES_MAX_ROWS, Int4Linear, Int8Head,
+from model.quantization.int4 import (DENSE_FROM_TOKENS, GROUP_SIZE, HEAD_CODES_MAX_ROWS, Int4Linear, Int8Head,
                                 quantize_groups, quantize_groups_int8, quantize_model)
-from model.weights import random_weights
+from model.loading.weights import random_weights
 from tests.model.test_smollm2_reference import NUM_NEW, PROMPTS, first_divergence, generate_packed
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.attention import AttentionMetadata, allocate_kv_cache
+from model.network.attention import AttentionMetadata, allocate_kv_cache
 
 pytestmark = pytest.mark.slow
 

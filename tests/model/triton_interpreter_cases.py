@@ -1,5 +1,5 @@
 """The Triton kernels (paged decode, fused elementwise ops, GEMV) against the torch code they replace.
-Run by test_triton_decode.py in a child process with TRITON_INTERPRET=1 (Triton reads it when the kernel
+Run by test_triton_interpreter.py in a child process with TRITON_INTERPRET=1 (Triton reads it when the kernel
 is first built) on CPU, and on a CUDA device by the GPU test and bench/gpu_check.py. Prints one line per
 case, "name difference", and exits non-zero on the first beyond its tolerance."""
 from __future__ import annotations
@@ -9,11 +9,13 @@ import sys
 
 import torch
 
-from model import projections, triton_decode, triton_gemv
-from model.attention import AttentionMetadata, allocate_kv_cache, paged_attention
 from model.config import tiny
+from model.kernels import gemv
+from model.kernels.decode import paged_decode_attention
+from model.kernels.plan import KernelPlan
 from model.loading import build_model
-from model.weights import random_weights
+from model.loading.weights import random_weights
+from model.network.attention import AttentionMetadata, allocate_kv_cache, paged_attention
 
 ATOL = 1e-5  # fp32: the kernel and SDPA differ only by summation order
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
@@ -41,39 +43,39 @@ def attention_case(num_heads, num_kv_heads, head_dim, block_size, context_lens, 
         outs.append(paged_attention(q, k, v, kv, meta, head_dim ** -0.5))
     # The kernel with its context cut into runs: one, a few, and more runs than some rows have tiles.
     for splits in (1, 2, 5):
-        outs.append(triton_decode.paged_decode_attention(
+        outs.append(paged_decode_attention(
             q, *kv, meta.decode.block_tables, meta.decode.context_lens, block_size, head_dim ** -0.5,
             window, splits))
     return max(float((outs[0] - out).abs().max()) for out in outs[1:])
 
 
-def model_case(family_config, gemv=None):
-    """Three sequences decoded 6 steps by a tiny model: logits with the kernels == without. `gemv`: a
-    configuration of model/triton_gemv.py's kernel for every projection of the decode steps (3 rows), with
+def model_case(family_config, gemv_config=None):
+    """Three sequences decoded 6 steps by a tiny model: logits with the kernels == without. `gemv_config`: a
+    configuration of model/kernels/gemv.py's kernel for every projection of the decode steps (3 rows), with
     its input's add + RMSNorm or SwiGLU product fused in wherever the model has one."""
     model = build_model(family_config, random_weights(family_config, seed=3), "random", torch.float32, DEVICE)
-    sites = [(projections.LINEAR, m) for m in model.modules() if type(m) is torch.nn.Linear]
+    kernels = KernelPlan()
+    sites = [(gemv.LINEAR, m) for m in model.modules() if type(m) is torch.nn.Linear]
     sites += model.fused_projections()
     for kind, linear in sites:
-        projections.set_plan(kind, linear.weight, linear.bias, 3, gemv)
+        kernels.set_plan(kind, linear.weight, linear.bias, 3, gemv_config)
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
     logits = []
     for kernel in (False, True):
+        step_kernels = kernels if kernel else None
         cache = allocate_kv_cache(family_config, 48, 4, torch.float32, DEVICE)
         tables = [list(range(i, 48, 3)) for i in range(3)]  # interleaved blocks
         lens = [len(p) for p in prompts]
         ids = torch.tensor(sum(prompts, []), device=DEVICE)
         meta = AttentionMetadata.build(lens, lens, tables, 4, family_config.sliding_window, DEVICE, kernel)
-        step_logits = [model(ids, meta, cache)]
+        step_logits = [model(ids, meta, cache, kernels=step_kernels)]
         for _ in range(6):
             ids = step_logits[-1].argmax(-1)
             lens = [n + 1 for n in lens]
             meta = AttentionMetadata.build([1, 1, 1], lens, tables, 4, family_config.sliding_window, DEVICE,
                                            kernel)
-            step_logits.append(model(ids, meta, cache))
+            step_logits.append(model(ids, meta, cache, kernels=step_kernels))
         logits.append(torch.stack(step_logits))
-    for kind, linear in sites:  # the choice is per process: leave the other cases unfused
-        projections.set_plan(kind, linear.weight, linear.bias, 3, None)
     return float((logits[0] - logits[1]).abs().max())
 
 
@@ -87,21 +89,21 @@ def graph_staging_case():
     model = build_model(config, random_weights(config, seed=5), "random", torch.float32, DEVICE)
     worst = 0.0
     cache = allocate_kv_cache(config, 61, 4, torch.float32, DEVICE)  # block 60: scratch
-    graphs = DecodeGraphs(model, cache, 4, 8, 16, 60, torch.device(DEVICE))
+    graphs = DecodeGraphs(model, KernelPlan(), cache, 4, 8, 16, 60, torch.device(DEVICE))
     for batch in ([3, 9, 20, 33, 7], [12, 40, 5]):
         tables = [list(range(i, 60, 5))[:12] for i in range(len(batch))]
         for table, n in zip(tables, batch):  # prefill each sequence but its last token
             meta = AttentionMetadata.build([n - 1], [n - 1], [table], 4, None, DEVICE, True)
-            model(torch.arange(n - 1, device=DEVICE) + 7, meta, cache)
+            model(torch.arange(n - 1, device=DEVICE) + 7, meta, cache, kernels=graphs.kernels)
         ids = [11 + i for i in range(len(batch))]
         before = [c.clone() for c in cache[0]]
         size = graphs.padded_size(len(ids))
         graphs._stage(size, ids, batch, tables)
-        staged = model(graphs.input_ids[:size], graphs._metadata(size), cache)[: len(ids)]
+        staged = model(graphs.input_ids[:size], graphs._metadata(size), cache, kernels=graphs.kernels)[: len(ids)]
         scratch = slice(60 * 4, 61 * 4)
         touched = [(a != b).any(-1).any(-1).nonzero().flatten() for a, b in zip(before, cache[0])]
         plain = model(torch.tensor(ids, device=DEVICE), AttentionMetadata.build(
-            [1] * len(ids), batch, tables, 4, None, DEVICE, True), cache)
+            [1] * len(ids), batch, tables, 4, None, DEVICE, True), cache, kernels=graphs.kernels)
         worst = max(worst, float((staged - plain).abs().max()))
         expected = sorted(t[(n - 1) // 4] * 4 + (n - 1) % 4 for t, n in zip(tables, batch))
         written = [int(s) for s in touched[0] if not scratch.start <= s < scratch.stop]
@@ -111,12 +113,12 @@ def graph_staging_case():
 
 
 def fused_ops_case(dtype: torch.dtype) -> float:
-    """model/triton_fused.py against the torch code it replaces (model/layers.py): add + RMSNorm, RoPE
+    """model/kernels/fused.py against the torch code it replaces (model/network/layers.py): add + RMSNorm, RoPE
     with the K/V cache write (shuffled slots, a head size whose half is not a power of two), SwiGLU's
     product over more columns than one program takes. Returns the worst error relative to the largest
     reference value."""
-    from model import triton_fused
-    from model.layers import RMSNorm, RotaryEmbedding, add_and_norm, apply_rope
+    from model.kernels.fused import rope_store_kv, silu_and_mul
+    from model.network.layers import RMSNorm, RotaryEmbedding, add_and_norm, apply_rope
 
     gen = torch.Generator().manual_seed(11)
 
@@ -132,7 +134,7 @@ def fused_ops_case(dtype: torch.dtype) -> float:
     x, delta = rand(tokens, hidden), rand(tokens, hidden)
     errors = []
     for d in (None, delta):
-        ref, out = add_and_norm(norm, x, d, False), add_and_norm(norm, x, d, True)
+        ref, out = add_and_norm(norm, x, d, None), add_and_norm(norm, x, d, KernelPlan())
         errors += [rel(ref[0], out[0]), rel(ref[1], out[1])]
     rotary = RotaryEmbedding(hd, 64, 10000.0).to(DEVICE)
     cos, sin = rotary(torch.randint(0, 64, (tokens,), generator=gen).to(DEVICE), dtype)
@@ -143,22 +145,22 @@ def fused_ops_case(dtype: torch.dtype) -> float:
     qk = apply_rope(qkv[:, : (heads + kv_heads) * hd].view(tokens, -1, hd), cos, sin)
     caches[0][0].index_copy_(0, slots, qk[:, heads:])
     caches[0][1].index_copy_(0, slots, qkv[:, (heads + kv_heads) * hd:].view(tokens, kv_heads, hd))
-    q, k, _ = triton_fused.rope_store_kv(qkv, cos, sin, slots, caches[1], heads, kv_heads, hd)
+    q, k, _ = rope_store_kv(qkv, cos, sin, slots, caches[1], heads, kv_heads, hd)
     errors += [rel(qk[:, :heads], q), rel(qk[:, heads:], k), rel(caches[0][0], caches[1][0]),
                rel(caches[0][1], caches[1][1])]
     h = rand(tokens, 2 * 1500)
-    errors.append(rel(torch.nn.functional.silu(h[:, :1500]) * h[:, 1500:], triton_fused.silu_and_mul(h)))
+    errors.append(rel(torch.nn.functional.silu(h[:, :1500]) * h[:, 1500:], silu_and_mul(h)))
     return max(errors)
 
 
 def gemv_case(dtype: torch.dtype) -> float:
-    """model/triton_gemv.py's kernel against the unfused torch path, in float32: every candidate
+    """model/kernels/gemv.py's kernel against the unfused torch path, in float32: every candidate
     configuration on 1, 3 and 16 rows, shapes that are no multiple of the tiles, with and without bias;
     then, with one configuration that splits K and one that does not, SwiGLU's product fused in (against
-    triton_fused.silu_and_mul, then F.linear) and the residual add + RMSNorm fused in, with and without a
-    delta (against triton_fused.add_rms_norm, then F.linear; the residual it writes too). Returns the
+    fused.silu_and_mul, then F.linear) and the residual add + RMSNorm fused in, with and without a
+    delta (against fused.add_rms_norm, then F.linear; the residual it writes too). Returns the
     worst error relative to the largest reference value."""
-    from model import triton_fused
+    from model.kernels.fused import add_rms_norm, silu_and_mul
 
     gen = torch.Generator().manual_seed(13)
 
@@ -174,13 +176,13 @@ def gemv_case(dtype: torch.dtype) -> float:
         def ref(product):
             return torch.nn.functional.linear(product.float(), w.float(), None if bias is None else bias.float())
 
-        for config in triton_gemv.CANDIDATES:
-            worst = max(worst, rel(ref(x), triton_gemv.gemv(x, w, bias, config)))
-        for config in (triton_gemv.CANDIDATES[0], triton_gemv.CANDIDATES[-1]):  # one run, several runs
-            worst = max(worst, rel(ref(triton_fused.silu_and_mul(h)), triton_gemv.gemv(h, w, bias, config, True)))
+        for config in gemv.CANDIDATES:
+            worst = max(worst, rel(ref(x), gemv.gemv(x, w, bias, config)))
+        for config in (gemv.CANDIDATES[0], gemv.CANDIDATES[-1]):  # one run, several runs
+            worst = max(worst, rel(ref(silu_and_mul(h)), gemv.gemv(h, w, bias, config, True)))
             for d in (None, delta):
-                residual, normed = triton_fused.add_rms_norm(x, d, norm_w, 1e-5)
-                fused = triton_gemv.add_norm_gemv(x, triton_gemv.AddNorm(d, norm_w, 1e-5), w, bias, config)
+                residual, normed = add_rms_norm(x, d, norm_w, 1e-5)
+                fused = gemv.add_norm_gemv(x, gemv.AddNorm(d, norm_w, 1e-5), w, bias, config)
                 worst = max(worst, rel(residual, fused[0]), rel(ref(normed), fused[1]))
     return worst
 
@@ -202,8 +204,8 @@ CASES = {
     # Triton's interpreter multiplies bfloat16 as raw bits (numpy has no bfloat16): float16 takes the same
     # 16-bit tensor-core path there, bfloat16 is checked on a GPU.
     "gemv-16bit": lambda: gemv_case(torch.bfloat16 if DEVICE == "cuda" else torch.float16),
-    "model-llama-gemv": lambda: model_case(tiny("smollm2-135m"), triton_gemv.CANDIDATES[4]),
-    "model-gpt2-gemv": lambda: model_case(tiny("gpt2"), triton_gemv.CANDIDATES[0]),
+    "model-llama-gemv": lambda: model_case(tiny("smollm2-135m"), gemv.CANDIDATES[4]),
+    "model-gpt2-gemv": lambda: model_case(tiny("gpt2"), gemv.CANDIDATES[0]),
 }
 # bfloat16: the kernels round once where the torch ops round after every op (and Triton's interpreter
 # rounds toward zero); 1/64 is two steps of bfloat16's 8-bit mantissa near the largest value.

@@ -6,7 +6,7 @@ blocks in order, so token position p lives in slot table[p // block_size] * bloc
 
 A step packs many sequences: sequence i brings query_lens[i] new tokens and, after the step, has
 context_lens[i] tokens in the cache. Decode rows (one new token) are attended together: by the Triton
-paged kernel (model/triton_decode.py) where it runs, reading K/V through the block tables, otherwise by
+paged kernel (model/kernels/decode.py) where it runs, reading K/V through the block tables, otherwise by
 one padded SDPA call over gathered K/V. Prefill chunks are attended one sequence at a time, where the
 loop costs nothing next to the work. Everything that does not depend on the layer is built once per
 step, here.
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from model import triton_decode
 from model.config import ModelConfig
+from model.kernels.decode import paged_decode_attention, triton_available
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (K, V), each (num_slots, n_kv, hd)
 
@@ -68,7 +68,7 @@ class AttentionMetadata:
     decode: DecodeRows | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     sliding_window: int | None = None  # the window the masks were built for; the model checks it
-    triton_kernels: bool = False  # decode attention and the fused elementwise ops run as Triton kernels
+    triton_attention: bool = False  # decode rows attended, and RoPE + the K/V cache write done, by Triton kernels
 
     @property
     def num_tokens(self) -> int:
@@ -78,10 +78,10 @@ class AttentionMetadata:
     def build(cls, query_lens: list[int], context_lens: list[int],
               block_tables: list[list[int]] | None, block_size: int = 16,
               sliding_window: int | None = None, device: torch.device | str = "cpu",
-              triton_kernels: bool | None = None) -> AttentionMetadata:
+              triton_attention: bool | None = None) -> AttentionMetadata:
         """Metadata for one step. block_tables=None builds an uncached step (whole sequences).
-        triton_kernels: attend decode rows with the Triton kernel and run the fused elementwise ones
-        (None: wherever they are available). An uncached step is the torch reference, always."""
+        triton_attention: attend decode rows with the Triton kernel, and rotate and cache K/V with the fused
+        one (None: wherever they are available). An uncached step is the torch reference, always."""
         if len(query_lens) != len(context_lens) or not query_lens:
             raise ValueError("query_lens and context_lens must be non-empty and of equal length")
         if any(q <= 0 or c < q for q, c in zip(query_lens, context_lens)):
@@ -103,13 +103,13 @@ class AttentionMetadata:
         tables = pad_block_tables(block_tables, device)
         token_rows = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
         meta.slot_mapping = _slots(tables, positions, to_device(token_rows, device), block_size)
-        if triton_kernels is None:
-            triton_kernels = triton_decode.available(device)
-        meta.triton_kernels = triton_kernels
+        if triton_attention is None:
+            triton_attention = triton_available(device)
+        meta.triton_attention = triton_attention
         decode_rows = [i for i, q in enumerate(query_lens) if q == 1]
         if decode_rows:
             meta.decode = _decode_rows(decode_rows, ends, context_lens, tables, block_size, sliding_window,
-                                       device, triton_kernels)
+                                       device, triton_attention)
         meta.prefills = _prefill_chunks(query_lens, context_lens, tables, block_size, sliding_window, device)
         return meta
 
@@ -230,8 +230,8 @@ def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float, window: 
     bd = rows.token_index.shape[0]
     q_rows = q if every_row else q.index_select(0, rows.token_index)
     if rows.kv_slots is None:
-        return triton_decode.paged_decode_attention(q_rows, k_cache, v_cache, rows.block_tables,
-                                                    rows.context_lens, rows.block_size, scale, window)
+        return paged_decode_attention(q_rows, k_cache, v_cache, rows.block_tables, rows.context_lens,
+                                      rows.block_size, scale, window)
     # CPU SDPA is ~3x slower on these small bfloat16 shapes than upcasting the gathered rows to float32
     # first (561 vs 164 + conversion us for 16 rows of 170 keys); float32 softmax is also the exact one.
     dtype = torch.float32 if q.device.type == "cpu" else q.dtype

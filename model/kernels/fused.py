@@ -11,8 +11,9 @@ round trips cost about as much as the weights' reads. Three kernels do the same 
   K and V into their cache slots;
 - silu_and_mul: SwiGLU's silu(gate) * up.
 
-Each is used where model/triton_decode.py's kernels are (AttentionMetadata.triton_kernels); the torch
-code in model/layers.py is the reference they are tested against, in Triton's interpreter on CPU.
+rope_store_kv is attention's, used with model/kernels/decode.py's kernels (AttentionMetadata.triton_attention);
+the other two run where the forward is given a KernelPlan (model/kernels/plan.py). The torch code in
+model/network/layers.py is the reference they are tested against, in Triton's interpreter on CPU.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import functools
 
 import torch
 
-from model.triton_decode import import_triton
+from model.kernels.decode import import_triton
 
 SILU_BLOCK = 1024  # columns of the gate per program
 

@@ -15,7 +15,7 @@ merges per (row, head). The number of splits follows from the batch size and the
 only, both fixed in a captured CUDA graph; each program derives its run from the row's actual length,
 and runs past the end of a short context are empty.
 
-Triton is optional: `available()` says whether the kernels run by default (a CUDA device with Triton).
+Triton is optional: `triton_available()` says whether the kernels run by default (a CUDA device with Triton).
 With TRITON_INTERPRET=1 set before the first use, Triton's interpreter runs the same kernels on CPU
 tensors when asked for explicitly; that is how the tests check them without a GPU.
 """
@@ -42,8 +42,8 @@ def import_triton():
     return triton, tl
 
 
-def available(device: torch.device | str) -> bool:
-    """Whether the Triton kernels (these and model/triton_fused.py) run by default on `device`."""
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels (these and model/kernels/fused.py) run by default on `device`."""
     return torch.device(device).type == "cuda" and import_triton() is not None
 
 

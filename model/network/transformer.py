@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model import projections
-from model.attention import AttentionMetadata, KVCache
 from model.config import ModelConfig
-from model.layers import DecoderBlock, RMSNorm, RotaryEmbedding, make_norm, norm_project, project, sinusoidal_table
+from model.kernels.gemv import ADD_NORM
+from model.kernels.plan import KernelPlan
+from model.network.attention import AttentionMetadata, KVCache
+from model.network.layers import (DecoderBlock, RMSNorm, RotaryEmbedding, make_norm, norm_project, project,
+                                  sinusoidal_table)
 
 
 class Transformer(nn.Module):
@@ -41,10 +43,12 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache] | None = None,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None, kernels: KernelPlan | None = None) -> torch.Tensor:
         """input_ids: (T,) packed tokens of every sequence; positions come from meta.
 
         kv_caches=None attends each sequence to its own new tokens only (no cache, the reference).
+        kernels=None runs plain torch ops (the CPU path, and the reference); a KernelPlan runs the Triton
+        fusions and the projections it tuned (attention's own kernels follow meta.triton_attention).
         Returns logits (N, vocab) at logits_index, by default each sequence's last new token.
         """
         positions = meta.positions
@@ -64,18 +68,18 @@ class Transformer(nn.Module):
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
         pending = None  # a pre-norm block's last output, added by the next norm
         for i, layer in enumerate(self.layers):
-            x, pending = layer(x, pending, rope, meta, None if kv_caches is None else kv_caches[i])
+            x, pending = layer(x, pending, rope, meta, None if kv_caches is None else kv_caches[i], kernels)
         rows = meta.logits_index if logits_index is None else logits_index
-        x, fused = x[rows], meta.triton_kernels
+        x = x[rows]
         if self.final_norm is None:
-            return project(self.lm_head, x, fused).float()
+            return project(self.lm_head, x, kernels).float()
         return norm_project(self.final_norm, x, None if pending is None else pending[rows], self.lm_head,
-                            fused)[1].float()
+                            kernels)[1].float()
 
     def fused_projections(self) -> list[tuple[str, nn.Module]]:
-        """(kind, projection) pairs whose input model/triton_gemv.py can compute as it loads it, for
-        model/projections.py's start-up tuning."""
+        """(kind, projection) pairs whose input model/kernels/gemv.py can compute as it loads it, for
+        KernelPlan.tune_model()."""
         sites = [site for layer in self.layers for site in layer.fused_projections()]
         if isinstance(self.final_norm, RMSNorm):
-            sites.append((projections.ADD_NORM, self.lm_head))
+            sites.append((ADD_NORM, self.lm_head))
         return sites

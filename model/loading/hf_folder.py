@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.weights import LoadError
+from model.loading.weights import LoadError
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2"}
 # Buffers some checkpoints carry that are recomputed, never loaded.

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import projections, triton_fused
-from model.attention import AttentionMetadata, KVCache, attend_cached, paged_attention, uncached_attention
 from model.config import ModelConfig
-from model.triton_gemv import AddNorm
+from model.kernels.fused import add_rms_norm, rope_store_kv, silu_and_mul
+from model.kernels.gemv import ADD_NORM, SILU_MUL, AddNorm
+from model.kernels.plan import KernelPlan
+from model.network.attention import AttentionMetadata, KVCache, attend_cached, paged_attention, uncached_attention
 
 
 class RMSNorm(nn.Module):
@@ -31,32 +32,32 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
-                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 kernels: KernelPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream after adding a sublayer's output (delta None: x as it is), and its
-    normalised copy; one Triton kernel for RMSNorm where `fused`."""
-    if fused and isinstance(norm, RMSNorm):
-        return triton_fused.add_rms_norm(x, delta, norm.weight, norm.eps)
+    normalised copy; one Triton kernel for RMSNorm on the Triton path (`kernels` given)."""
+    if kernels is not None and isinstance(norm, RMSNorm):
+        return add_rms_norm(x, delta, norm.weight, norm.eps)
     if delta is not None:
         x = x + delta
     return x, norm(x)
 
 
-def project(layer: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
-    """layer(x); on the Triton path a plain nn.Linear goes through model/projections.py, which runs the
-    Triton GEMV where start-up timing found it faster than cuBLAS for this shape and row count."""
-    if fused and type(layer) is nn.Linear:
-        return projections.linear(x, layer.weight, layer.bias)
+def project(layer: nn.Module, x: torch.Tensor, kernels: KernelPlan | None) -> torch.Tensor:
+    """layer(x); on the Triton path a plain nn.Linear goes through the KernelPlan, which runs the Triton
+    GEMV where start-up timing found it faster than cuBLAS for this shape and row count."""
+    if kernels is not None and type(layer) is nn.Linear:
+        return kernels.linear(x, layer.weight, layer.bias)
     return layer(x)
 
 
 def norm_project(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, layer: nn.Module,
-                 fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 kernels: KernelPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, layer(norm(x + delta))); on the Triton path an RMSNorm before a plain nn.Linear can be
-    one kernel (model/projections.py, where start-up timing found that faster)."""
-    if fused and isinstance(norm, RMSNorm) and type(layer) is nn.Linear:
-        return projections.add_norm_linear(x, AddNorm(delta, norm.weight, norm.eps), layer.weight, layer.bias)
-    x, h = add_and_norm(norm, x, delta, fused)
-    return x, project(layer, h, fused)
+    one kernel (the KernelPlan's, where start-up timing found that faster)."""
+    if kernels is not None and isinstance(norm, RMSNorm) and type(layer) is nn.Linear:
+        return kernels.add_norm_linear(x, AddNorm(delta, norm.weight, norm.eps), layer.weight, layer.bias)
+    x, h = add_and_norm(norm, x, delta, kernels)
+    return x, project(layer, h, kernels)
 
 
 def sinusoidal_table(max_position: int, dim: int) -> torch.Tensor:
@@ -116,20 +117,20 @@ class Attention(nn.Module):
         self.scale = hd ** -0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
-        return self.attend(project(self.qkv_proj, x, meta.triton_kernels), rope, meta, kv_cache)
+                meta: AttentionMetadata, kv_cache: KVCache | None, kernels: KernelPlan | None) -> torch.Tensor:
+        return self.attend(project(self.qkv_proj, x, kernels), rope, meta, kv_cache, kernels)
 
     def attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-               meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+               meta: AttentionMetadata, kv_cache: KVCache | None, kernels: KernelPlan | None) -> torch.Tensor:
         """From the fused QKV projection's output (T, (nh + 2 n_kv) * hd) through the output projection."""
-        cfg, fused = self.config, meta.triton_kernels
-        if fused and rope is not None and kv_cache is not None:
-            q, k, v = triton_fused.rope_store_kv(qkv, *rope, meta.slot_mapping, kv_cache, cfg.num_heads,
-                                                 cfg.num_kv_heads, cfg.head_dim)
+        cfg = self.config
+        if meta.triton_attention and rope is not None and kv_cache is not None:
+            q, k, v = rope_store_kv(qkv, *rope, meta.slot_mapping, kv_cache, cfg.num_heads, cfg.num_kv_heads,
+                                    cfg.head_dim)
             out = attend_cached(q, k, v, kv_cache, meta, self.scale)
         else:
             out = self._attend_torch(qkv, rope, meta, kv_cache)
-        return project(self.o_proj, out.reshape(-1, self.q_size), fused)
+        return project(self.o_proj, out.reshape(-1, self.q_size), kernels)
 
     def _attend_torch(self, qkv, rope, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
         cfg = self.config
@@ -153,15 +154,15 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, n_in * config.ffn_hidden_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        return self.down(project(self.up_proj, x, fused), fused)
+    def forward(self, x: torch.Tensor, kernels: KernelPlan | None = None) -> torch.Tensor:
+        return self.down(project(self.up_proj, x, kernels), kernels)
 
-    def down(self, h: torch.Tensor, fused: bool) -> torch.Tensor:
+    def down(self, h: torch.Tensor, kernels: KernelPlan | None) -> torch.Tensor:
         """The activation of the up projection's output h, through the down projection."""
-        if self.activation == "swiglu" and fused and type(self.down_proj) is nn.Linear:
-            return projections.silu_mul_linear(h, self.down_proj.weight, self.down_proj.bias)
-        if self.activation == "swiglu" and fused:
-            h = triton_fused.silu_and_mul(h)
+        if self.activation == "swiglu" and kernels is not None and type(self.down_proj) is nn.Linear:
+            return kernels.silu_mul_linear(h, self.down_proj.weight, self.down_proj.bias)
+        if self.activation == "swiglu" and kernels is not None:
+            h = silu_and_mul(h)
         elif self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -171,7 +172,7 @@ class FeedForward(nn.Module):
             h = F.gelu(h, approximate="tanh")
         else:
             h = F.relu(h)
-        return project(self.down_proj, h, fused)
+        return project(self.down_proj, h, kernels)
 
 
 class DecoderBlock(nn.Module):
@@ -183,23 +184,22 @@ class DecoderBlock(nn.Module):
         self.ffn_norm = make_norm(config)
         self.ffn = FeedForward(config)
 
-    def forward(self, x, pending, rope, meta: AttentionMetadata, kv_cache):
+    def forward(self, x, pending, rope, meta: AttentionMetadata, kv_cache, kernels: KernelPlan | None):
         """Returns (residual stream, pending): a pre-norm block leaves its feed-forward output for the
         next norm to add (one fused add+norm kernel on GPU); a post-norm block's output is final."""
-        fused = meta.triton_kernels
         if self.pre_norm:
-            x, qkv = norm_project(self.attn_norm, x, pending, self.attn.qkv_proj, fused)
-            attended = self.attn.attend(qkv, rope, meta, kv_cache)
-            x, up = norm_project(self.ffn_norm, x, attended, self.ffn.up_proj, fused)
-            return x, self.ffn.down(up, fused)
-        x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache))
-        return self.ffn_norm(x + self.ffn(x, fused)), None
+            x, qkv = norm_project(self.attn_norm, x, pending, self.attn.qkv_proj, kernels)
+            attended = self.attn.attend(qkv, rope, meta, kv_cache, kernels)
+            x, up = norm_project(self.ffn_norm, x, attended, self.ffn.up_proj, kernels)
+            return x, self.ffn.down(up, kernels)
+        x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache, kernels))
+        return self.ffn_norm(x + self.ffn(x, kernels)), None
 
     def fused_projections(self) -> list[tuple[str, nn.Module]]:
-        """(kind, projection) pairs whose input model/triton_gemv.py can compute as it loads it."""
+        """(kind, projection) pairs whose input model/kernels/gemv.py can compute as it loads it."""
         sites = []
         if self.pre_norm and isinstance(self.attn_norm, RMSNorm):
-            sites += [(projections.ADD_NORM, self.attn.qkv_proj), (projections.ADD_NORM, self.ffn.up_proj)]
+            sites += [(ADD_NORM, self.attn.qkv_proj), (ADD_NORM, self.ffn.up_proj)]
         if self.ffn.activation == "swiglu":
-            sites.append((projections.SILU_MUL, self.ffn.down_proj))
+            sites.append((SILU_MUL, self.ffn.down_proj))
         return sites

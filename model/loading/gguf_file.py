@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
-from model.weights import LoadError
+from model.loading.weights import LoadError
 
 try:
     import gguf

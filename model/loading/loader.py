@@ -14,16 +14,19 @@ import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.config import ModelConfig, preset, tiny
-from model.quantization import quantize_model
-from model.gguf_weights import gguf_config, gguf_weights, metadata, open_gguf
-from model.hf_weights import hf_weights, read_hf_config
-from model.tokenizer import TextTokenizer, tokenizer_from_folder, tokenizer_from_gguf
-from model.transformer import Transformer
-from model.weights import LoadError, check_weights, fuse, random_weights
+from model.loading.gguf_file import gguf_config, gguf_weights, metadata, open_gguf
+from model.loading.hf_folder import hf_weights, read_hf_config
+from model.loading.weights import LoadError, check_weights, fuse, random_weights
+from model.network.transformer import Transformer
+from model.quantization.int4 import quantize_model
+
+if TYPE_CHECKING:  # at run time read_model imports it: model.tokenizer imports this package for LoadError
+    from model.tokenizer import TextTokenizer
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,6 +68,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def read_model(name: str) -> tuple[ModelConfig, dict[str, torch.Tensor], TextTokenizer | None, str]:
     """Config, canonical fp32 weights and tokenizer for a model name (see the module docstring)."""
+    from model.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
+
     if name.startswith("random:"):
         shape = name.removeprefix("random:")
         config = tiny(shape.removeprefix("tiny-")) if shape.startswith("tiny-") else preset(shape)
@@ -99,7 +104,7 @@ def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], source: s
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", quantization: str | None = None) -> LoadedModel:
-    """quantization="int4": the decoder's projections as 4-bit weights (CPU; see model/quantization.py)."""
+    """quantization="int4": the decoder's projections as 4-bit weights (CPU; see model/quantization/int4.py)."""
     start = time.perf_counter()
     torch_dtype, device = parse_dtype(dtype), torch.device(device)
     config, weights, tokenizer, source = read_model(name)

@@ -14,7 +14,7 @@ trip) that would otherwise produce it:
 - ADD_NORM: the input is RMSNorm(x + delta) * norm weight (the projection after a residual add and
   norm); every program computes the row's RMS over all of K, and the first column block also writes
   x + delta out, the residual stream the next add needs.
-Each rounds as the unfused kernel in model/triton_fused.py does. model/projections.py decides, by
+Each rounds as the unfused kernel in model/kernels/fused.py does. model/kernels/plan.py decides, by
 measurement on the card, where any of this runs.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.triton_decode import import_triton
+from model.kernels.decode import import_triton
 
 MAX_ROWS = 16  # rows per launch: x is padded to this many, the smallest tensor-core tile
 REDUCE_BLOCK = 1024  # output columns per program of the split-K reduction
@@ -91,7 +91,7 @@ def _build_kernels(triton, tl):
                 gate = tl.load(x_at, mask=x_mask, other=0.0).to(tl.float32)
                 up = tl.load(x_at + k, mask=x_mask, other=0.0).to(tl.float32)
                 x = (gate * tl.sigmoid(gate) * up).to(w_ptr.dtype.element_ty)
-            elif PROLOGUE == "add_norm":  # RMSNorm(x + delta) * weight, rounded as triton_fused.add_rms_norm stores it
+            elif PROLOGUE == "add_norm":  # RMSNorm(x + delta) * weight, rounded as fused.add_rms_norm stores it
                 r = tl.load(x_at, mask=x_mask, other=0.0)
                 if HAS_DELTA:
                     delta = tl.load(delta_ptr + m[:, None] * stride_delta + kk[None, :], mask=x_mask, other=0.0)

@@ -1,0 +1,1 @@
+"""Weight-only quantization of the decoder's projections for CPU decoding."""
