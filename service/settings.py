@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import typing
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.engine.config import EngineConfig
+from service.engine.config import EngineConfig, default_kv_cache_memory
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -24,7 +25,8 @@ def parse_bytes(value: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-class Settings(BaseSettings):
+class ServerSettings(BaseSettings):
+    """The settings of the server itself; Settings adds the engine's (from EngineConfig) to these."""
     model_config = SettingsConfigDict(env_prefix="KVSERVE_", protected_namespaces=())
 
     model: str = Field("smollm2", description="smollm2, a .gguf file, a Hugging Face folder or random:PRESET")
@@ -36,16 +38,6 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    block_size: int = Field(16, ge=1, le=256)
-    kv_cache_memory: str | None = Field(None, description="KV cache size, e.g. 2GiB (default: 1GiB on CPU, "
-                                        "a fraction of free memory on GPU)")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(512, ge=1)
-    max_queue: int = Field(256, ge=0, description="waiting requests beyond this get 503")
-    max_model_len: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool = True
-    cuda_graphs: bool = Field(True, description="replay GPU decode steps from CUDA graphs (--no-cuda-graphs: eager)")
     api_key: list[str] = Field(default_factory=list, description="accepted bearer keys (repeatable)")
     protect_health_and_metrics: bool = Field(False, description="require the API key on /health and /metrics too")
     cors_origins: list[str] = Field(default_factory=list)
@@ -54,15 +46,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: one per core)")
     enable_metrics: bool = Field(True, description="record request and step metrics for /metrics")
-    seed: int = 0
     log_level: str = "info"
 
-    @field_validator("kv_cache_memory")
+    # kv_cache_memory is one of the engine's fields, added by Settings below.
+    @field_validator("kv_cache_memory", mode="before", check_fields=False)
     @classmethod
-    def _valid_size(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_bytes(value)
-        return value
+    def _size_in_bytes(cls, value: str | int | None) -> int | None:
+        return None if value is None else parse_bytes(value)
 
     @field_validator("quantization")
     @classmethod
@@ -97,13 +87,28 @@ class Settings(BaseSettings):
         return "float32"
 
     def engine_config(self) -> EngineConfig:
-        cpu = not self.resolved_device().startswith("cuda")
-        memory = parse_bytes(self.kv_cache_memory) if self.kv_cache_memory else (1 << 30 if cpu else None)
-        return EngineConfig(block_size=self.block_size, kv_cache_memory=memory,
-                            gpu_memory_utilization=self.gpu_memory_utilization, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-                            max_queue=self.max_queue, enable_prefix_caching=self.enable_prefix_caching,
-                            cuda_graphs=self.cuda_graphs, seed=self.seed)
+        values = {name: getattr(self, name) for name in _ENGINE_SETTINGS}
+        if values["kv_cache_memory"] is None:
+            values["kv_cache_memory"] = default_kv_cache_memory(self.resolved_device())
+        return EngineConfig(**values)
+
+
+def _engine_settings() -> dict[str, tuple]:
+    """A pydantic field for each EngineConfig knob marked as a setting, with its type, default, bounds and
+    help text. Unset, the server's KV cache size follows the device (default_kv_cache_memory), so its
+    default here is None rather than EngineConfig's CPU size."""
+    types = typing.get_type_hints(EngineConfig)
+    fields = {}
+    for knob in dataclasses.fields(EngineConfig):
+        if "setting" in knob.metadata:
+            default = None if knob.name == "kv_cache_memory" else knob.default
+            fields[knob.name] = (types[knob.name], Field(default, **knob.metadata["setting"]))
+    return fields
+
+
+_ENGINE_SETTINGS = _engine_settings()
+Settings = create_model("Settings", __base__=ServerSettings, __module__=__name__,
+                        __doc__="Every server setting: the server's own and the engine's.", **_ENGINE_SETTINGS)
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,21 +1,40 @@
-"""EngineConfig: the engine's knobs as plain values, so a test can build an engine without settings."""
+"""EngineConfig: the engine's knobs as plain values, so a test can build an engine without settings.
+
+Each knob the server exposes (as KVSERVE_<NAME> and --<name>) is declared here once, with its default,
+its bounds and its help text; service/settings.py builds its fields from these.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+CPU_KV_CACHE_MEMORY = 1 << 30  # bytes; a CPU has no "free device memory" to take a fraction of
+
+
+def setting(default, description: str = "", **bounds):
+    """A knob that is also a server setting; `bounds` are pydantic's (ge, gt, le, lt)."""
+    return field(default=default, metadata={"setting": dict(bounds, description=description)})
+
+
+def default_kv_cache_memory(device: str) -> int | None:
+    """The KV cache size when none is given: 1 GiB on a CPU; on a GPU None, which the engine reads as
+    gpu_memory_utilization of the device's memory less what the model uses."""
+    return None if device.startswith("cuda") else CPU_KV_CACHE_MEMORY
 
 
 @dataclass
 class EngineConfig:
-    block_size: int = 16
-    kv_cache_memory: int | None = 1 << 30  # bytes; None on GPU means a fraction of free memory
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    max_model_len: int | None = None  # None: the model's own context length
-    max_queue: int = 512  # waiting requests beyond this are refused (EngineOverloaded)
-    enable_prefix_caching: bool = True
-    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs on GPU (ignored on CPU)
+    block_size: int = setting(16, ge=1, le=256)
+    kv_cache_memory: int | None = setting(CPU_KV_CACHE_MEMORY, "KV cache size, e.g. 2GiB (default: 1GiB on CPU, "
+                                          "a fraction of free memory on GPU)")
+    gpu_memory_utilization: float = setting(0.9, gt=0, le=1)
+    max_num_seqs: int = setting(64, ge=1)
+    max_num_batched_tokens: int = setting(512, ge=1)
+    max_model_len: int | None = setting(None, "default: the model's own context length", ge=1)
+    max_queue: int = setting(256, "waiting requests beyond this are refused (503 from the server)", ge=0)
+    enable_prefix_caching: bool = setting(True)
+    cuda_graphs: bool = setting(True, "replay GPU decode steps from CUDA graphs (--no-cuda-graphs: eager; "
+                                "ignored on CPU)")
     # Detokenize and emit a step's tokens while the device runs the next step (None: on a GPU only; on a
     # CPU the next step is the CPU's own work, so deferring would only delay every token by a step).
     defer_outputs: bool | None = None
-    seed: int = 0
+    seed: int = setting(0)
