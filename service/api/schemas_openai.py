@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.engine.request import SamplingParams
+from service.api.limits import MAX_REPETITION_PENALTY, check_stop_strings, engine_range
+from service.engine import SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -18,22 +19,22 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
+    temperature: float = Field(1.0, **engine_range("temperature", le=2))
+    top_p: float = Field(1.0, **engine_range("top_p"))
+    n: int = Field(1, **engine_range("n", le=16))
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float = Field(0.0, **engine_range("presence_penalty"))
+    frequency_penalty: float = Field(0.0, **engine_range("frequency_penalty"))
     logit_bias: dict[str, float] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # what torch.Generator accepts (+ n - 1)
     user: str | None = None
     # Extensions (vLLM names)
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
-    min_tokens: int = Field(0, ge=0)
+    top_k: int = Field(0, **engine_range("top_k"))
+    min_p: float = Field(0.0, **engine_range("min_p"))
+    repetition_penalty: float = Field(1.0, **engine_range("repetition_penalty", le=MAX_REPETITION_PENALTY))
+    min_tokens: int = Field(0, **engine_range("min_tokens"))
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -43,9 +44,7 @@ class SamplingFields(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 16 or any(not s for s in stops):
-            raise ValueError("at most 16 non-empty stop strings")
+        check_stop_strings([value] if isinstance(value, str) else value or [])
         return value
 
     @field_validator("logit_bias")
@@ -77,8 +76,8 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: int | None = Field(16, **engine_range("max_tokens"))
+    logprobs: int | None = Field(None, **engine_range("logprobs", le=5))
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
@@ -104,10 +103,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, **engine_range("max_tokens"))
+    max_completion_tokens: int | None = Field(None, **engine_range("max_tokens"))
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, **engine_range("logprobs"))
     add_generation_prompt: bool = True
     tools: list[dict] | None = None
     response_format: dict | None = None

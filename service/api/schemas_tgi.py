@@ -1,9 +1,10 @@
 """Request bodies of the native routes, compatible with Hugging Face text-generation-inference."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.engine.request import SamplingParams
+from service.api.limits import MAX_REPETITION_PENALTY, check_stop_strings, engine_range
+from service.engine import SamplingParams
 
 
 class GenerateParameters(BaseModel):
@@ -13,20 +14,29 @@ class GenerateParameters(BaseModel):
     decoder_input_details: bool = False
     details: bool = True
     do_sample: bool = False
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, **engine_range("frequency_penalty"))
     grammar: dict | None = None
-    max_new_tokens: int | None = Field(100, ge=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    max_new_tokens: int | None = Field(100, **engine_range("max_tokens"))
+    repetition_penalty: float | None = Field(
+        None, **engine_range("repetition_penalty", le=MAX_REPETITION_PENALTY))
     return_full_text: bool | None = False
     seed: int | None = Field(None, ge=0, le=2**64 - 1)  # a u64, as in text-generation-inference
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[str] = Field(default_factory=list)
+    # temperature, top_k and top_p keep text-generation-inference's own ranges, narrower than the
+    # engine's (TGI refuses 0 and top_p=1; greedy is do_sample=false).
     temperature: float | None = Field(None, gt=0, le=100)
     top_k: int | None = Field(None, gt=0)
-    top_n_tokens: int | None = Field(None, ge=0, le=20)
+    top_n_tokens: int | None = Field(None, **engine_range("logprobs"))
     top_p: float | None = Field(None, gt=0, lt=1)
     truncate: int | None = Field(None, ge=1)
     typical_p: float | None = Field(None, gt=0, lt=1)
     watermark: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: list[str]) -> list[str]:
+        check_stop_strings(value)
+        return value
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -35,8 +45,6 @@ class GenerateParameters(BaseModel):
                              ("typical_p", self.typical_p is not None), ("watermark", self.watermark)):
             if is_set:
                 raise ValueError(f"{name} is not supported by kvserve")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
         return self
 
     def sampling_params(self) -> SamplingParams:
@@ -46,7 +54,7 @@ class GenerateParameters(BaseModel):
             temperature=(self.temperature or 1.0) if sample else 0.0, top_k=self.top_k or 0,
             top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty or 1.0,
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, max_tokens=self.max_new_tokens,
-            stop=list(self.stop), logprobs=self.top_n_tokens if self.top_n_tokens else 0)
+            stop=list(self.stop), logprobs=self.top_n_tokens or 0)
 
 
 class GenerateRequest(BaseModel):

@@ -3,13 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-class InvalidParam(ValueError):
-    """A sampling parameter out of range; `param` names it."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param} {message}")
-        self.param = param
+# InvalidParam lives beside the ranges it reports; callers keep importing it from here.
+from service.engine.validation import InvalidParam, check_sampling_ranges
 
 
 @dataclass
@@ -41,24 +36,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise InvalidParam (a ValueError) naming the first out-of-range field."""
-        checks = [
-            ("n", self.n >= 1, "must be at least 1"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_k", self.top_k >= 0, "must be -1, 0 or positive"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
-            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be at least 1"),
-            ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
-            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
-             "must not exceed max_tokens"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
-        ]
-        for name, ok, message in checks:
-            if not ok:
-                raise InvalidParam(name, f"{message}, got {getattr(self, name)!r}")
+        check_sampling_ranges(self)
 
     @property
     def is_greedy(self) -> bool:
