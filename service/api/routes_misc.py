@@ -4,8 +4,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from model.tokenizer import ChatTemplateError
 from service.api.errors import APIError
+from service.api.prompts import chat_text
 from service.api.schemas_openai import DetokenizeRequest, TokenizeRequest
 from service.api.state import EngineDep, StateDep, check_model_name
 
@@ -25,15 +25,10 @@ async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep):
     check_model_name(state, body.model)
     tokenizer = engine.tokenizer
     if body.inputs is not None:  # text-generation-inference: a list of tokens with offsets
-        encoding = tokenizer.tokenizer.encode(body.inputs, add_special_tokens=False)
         return [{"id": i, "text": body.inputs[start:stop], "start": start, "stop": stop}
-                for i, (start, stop) in zip(encoding.ids, encoding.offsets)]
+                for i, start, stop in tokenizer.encode_with_offsets(body.inputs)]
     if body.messages is not None:
-        try:
-            text = tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in body.messages],
-                                         add_generation_prompt=body.add_generation_prompt)
-        except ChatTemplateError as exc:
-            raise APIError(400, str(exc), "messages", "invalid_value") from exc
+        text = chat_text(body.messages, tokenizer, body.add_generation_prompt)
     elif body.prompt is not None:
         text = body.prompt
     else:

@@ -6,27 +6,16 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from model.tokenizer import ChatTemplateError, TextTokenizer
+from model.tokenizer import TextTokenizer
 from service.api.errors import APIError
 from service.api.generation import Choice, Generation, checked_params
+from service.api.prompts import chat_text, prompt_ids
 from service.api.schemas_openai import ChatCompletionRequest, CompletionRequest
-from service.api.sse import sse_event, sse_response
+from service.api.sse import sse_response
 from service.api.state import EngineDep, StateDep, check_model_name
+from service.api.streaming import ChunkFormat, openai_stream
 
 router = APIRouter(tags=["OpenAI-compatible"])
-
-
-def prompt_ids(prompt, tokenizer: TextTokenizer) -> list[list[int]]:
-    """A string, a list of strings, a list of token ids, or a list of lists of ids -> id lists."""
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    else:
-        prompts = list(prompt)
-    if not prompts:
-        raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
 
 def _completion_logprobs(choice: Choice, tokenizer: TextTokenizer, offset: int) -> dict:
@@ -71,7 +60,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
             "model": state.settings.served_model_name}
     echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
     if body.stream:
-        return sse_response(_stream_completion(gen, head, body, echoes, tokenizer))
+        return sse_response(openai_stream(gen, head, _completion_chunks(body, echoes, tokenizer)))
     choices = await gen.collect(request)
     return dict(head, usage=gen.usage(), choices=[{
         "index": c.index, "text": echoes[c.index // body.n] + c.text, "finish_reason": c.finish_reason,
@@ -80,31 +69,13 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         if body.logprobs is not None else None} for c in choices])
 
 
-def _error_event(error: str) -> str:
-    return sse_event({"error": {"message": f"generation failed: {error}", "type": "internal_error",
-                                "param": None, "code": "generation_error"}})
+def _completion_chunks(body: CompletionRequest, echoes: list[str], tokenizer: TextTokenizer) -> ChunkFormat:
+    def render(piece: Choice) -> dict:
+        return {"index": piece.index, "text": piece.text, "finish_reason": piece.finish_reason,
+                "logprobs": _completion_logprobs(piece, tokenizer, 0) if body.logprobs is not None else None}
 
-
-async def _stream_completion(gen: Generation, head: dict, body: CompletionRequest, echoes, tokenizer):
-    started = set()
-    async for index, out in gen.outputs():
-        if out.error:
-            yield _error_event(out.error)
-            continue
-        text = out.new_text
-        if index not in started:
-            started.add(index)
-            text = echoes[index // body.n] + text
-        if not text and not out.finished and body.logprobs is None:
-            continue  # text held back (incomplete character or possible stop string)
-        choice = Choice(index, token_ids=out.new_token_ids, logprobs=out.logprobs or [],
-                        top_logprobs=out.top_logprobs or [])
-        yield sse_event(dict(head, choices=[{
-            "index": index, "text": text, "finish_reason": out.finish_reason,
-            "logprobs": _completion_logprobs(choice, tokenizer, 0) if body.logprobs is not None else None}]))
-    if body.include_usage:
-        yield sse_event(dict(head, choices=[], usage=gen.usage()))
-    yield sse_event("[DONE]")
+    return ChunkFormat(render, wants_logprobs=body.logprobs is not None, include_usage=body.include_usage,
+                       lead=lambda index: echoes[index // body.n])
 
 
 def _chat_prompt(body: ChatCompletionRequest, tokenizer: TextTokenizer) -> list[int]:
@@ -112,12 +83,7 @@ def _chat_prompt(body: ChatCompletionRequest, tokenizer: TextTokenizer) -> list[
         raise APIError(400, "tools are not supported by this model", "tools", "unsupported")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise APIError(400, "only response_format type 'text' is supported", "response_format", "unsupported")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        text = tokenizer.render_chat(messages, add_generation_prompt=body.add_generation_prompt)
-    except ChatTemplateError as exc:
-        raise APIError(400, str(exc), "messages", "invalid_value") from exc
-    return tokenizer.encode(text)
+    return tokenizer.encode(chat_text(body.messages, tokenizer, body.add_generation_prompt))
 
 
 @router.post("/v1/chat/completions", summary="Chat completion with the model's chat template (OpenAI API)")
@@ -133,7 +99,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": state.settings.served_model_name}
     if body.stream:
-        return sse_response(_stream_chat(gen, dict(head, object="chat.completion.chunk"), body, engine.tokenizer))
+        return sse_response(openai_stream(gen, dict(head, object="chat.completion.chunk"),
+                                          _chat_chunks(body, engine.tokenizer)))
     choices = await gen.collect(request)
     return dict(head, object="chat.completion", usage=gen.usage(), choices=[{
         "index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -141,22 +108,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices])
 
 
-async def _stream_chat(gen: Generation, head: dict, body: ChatCompletionRequest, tokenizer: TextTokenizer):
-    for index in range(body.n):
-        yield sse_event(dict(head, choices=[{"index": index, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]))
-    async for index, out in gen.outputs():
-        if out.error:
-            yield _error_event(out.error)
-            continue
-        if not out.new_text and not out.finished and not body.logprobs:
-            continue
-        choice = Choice(index, token_ids=out.new_token_ids, logprobs=out.logprobs or [],
-                        top_logprobs=out.top_logprobs or [])
-        delta = {"content": out.new_text} if out.new_text else {}
-        yield sse_event(dict(head, choices=[{
-            "index": index, "delta": delta, "finish_reason": out.finish_reason,
-            "logprobs": _chat_logprobs(choice, tokenizer) if body.logprobs else None}]))
-    if body.include_usage:
-        yield sse_event(dict(head, choices=[], usage=gen.usage()))
-    yield sse_event("[DONE]")
+def _chat_chunks(body: ChatCompletionRequest, tokenizer: TextTokenizer) -> ChunkFormat:
+    def render(piece: Choice) -> dict:
+        return {"index": piece.index, "delta": {"content": piece.text} if piece.text else {},
+                "finish_reason": piece.finish_reason,
+                "logprobs": _chat_logprobs(piece, tokenizer) if body.logprobs else None}
+
+    # Each choice opens with the assistant's role, before any token is generated.
+    roles = [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+              "finish_reason": None} for index in range(body.n)]
+    return ChunkFormat(render, wants_logprobs=body.logprobs, include_usage=body.include_usage, opening=roles)
