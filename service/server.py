@@ -27,7 +27,7 @@ class DrainingServer(uvicorn.Server):
             return super().handle_exit(sig, frame)
         self._draining = True
         self.state.draining = True
-        log.info("draining: %d sequences in flight, up to %.0f s", self.state.engine.snapshot.num_unfinished,
+        log.info("draining: %d requests in flight, up to %.0f s", self.state.engine.snapshot.num_unfinished,
                  self.drain_timeout)
         threading.Thread(target=self._drain, name="kvserve-drain", daemon=True).start()
 
@@ -37,7 +37,7 @@ class DrainingServer(uvicorn.Server):
         while engine.has_unfinished() and time.monotonic() < deadline:
             time.sleep(0.05)
         if engine.has_unfinished():
-            log.info("drain timeout: aborting %d sequences", engine.snapshot.num_unfinished)
+            log.info("drain timeout: aborting %d requests", engine.snapshot.num_unfinished)
             engine.abort_all()
             give_up = time.monotonic() + 5
             while engine.has_unfinished() and time.monotonic() < give_up:

@@ -64,7 +64,7 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         vocab_size=int(vocab), hidden_size=int(need("embedding_length")), num_layers=int(need("block_count")),
         num_heads=heads, ffn_hidden_size=int(need("feed_forward_length")),
         max_position=int(need("context_length")), tie_embeddings="output.weight" not in tensor_names,
-        name=str(metadata(reader, "general.name", path.stem)))
+        name=str(metadata(reader, "general.name", path.stem)), architecture=arch)
     if arch == "gpt2":
         return ModelConfig(**common, num_kv_heads=heads, activation="gelu_tanh", norm="layernorm",
                            norm_eps=float(need("attention.layer_norm_epsilon")),

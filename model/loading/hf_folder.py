@@ -40,7 +40,7 @@ def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
                 ffn_hidden_size=raw.get("n_inner") or 4 * raw["n_embd"], activation="gelu_tanh",
                 norm="layernorm", norm_eps=raw.get("layer_norm_epsilon", 1e-5),
                 positional_encoding="learned", max_position=raw["n_positions"], attention_bias=True,
-                mlp_bias=True, tie_embeddings=raw.get("tie_word_embeddings", True), name=folder.name), raw
+                mlp_bias=True, tie_embeddings=raw.get("tie_word_embeddings", True), name=folder.name, architecture=kind), raw
         if kind in LLAMA_TYPES:
             heads = raw["num_attention_heads"]
             return ModelConfig(
@@ -52,7 +52,7 @@ def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
                 sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
                 attention_bias=raw.get("attention_bias", kind == "qwen2"),
                 mlp_bias=raw.get("mlp_bias", False),
-                tie_embeddings=raw.get("tie_word_embeddings", False), name=folder.name), raw
+                tie_embeddings=raw.get("tie_word_embeddings", False), name=folder.name, architecture=kind), raw
     except KeyError as exc:
         raise LoadError(f"{path}: missing field {exc.args[0]!r}") from exc
     raise LoadError(f"{path}: unsupported model_type {kind!r} (supported: gpt2, {', '.join(sorted(LLAMA_TYPES))})")

@@ -92,11 +92,15 @@ class EngineCore:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> None:
+    def schedule(self) -> ScheduledBatch:
+        """The next step's batch (admissions and preemptions done); run() it."""
         for group in self.outputs.undeliverable:
             self.abort(group.request_id)
         self.outputs.undeliverable.clear()
-        batch = self.scheduler.schedule()
+        return self.scheduler.schedule()
+
+    def run(self, batch: ScheduledBatch) -> None:
+        """Run a scheduled step: forward and sample, apply the results, hand the new tokens to the outputs."""
         if not batch:
             self.outputs.flush()
             return

@@ -154,7 +154,9 @@ class Engine:
     # --- one step (the thread's, or a caller's driving the engine by hand) ------------------
     def step(self) -> None:
         self._drain_inbox()
-        self.core.step()
+        batch = self.core.schedule()
+        self._publish()  # admissions and preemptions are visible before this step's outputs reach anyone
+        self.core.run(batch)
         self._publish()
 
     def _drain_inbox(self) -> None:
