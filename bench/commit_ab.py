@@ -16,8 +16,6 @@ import os
 import random
 import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,46 +27,33 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.server_process import ServerProcess  # noqa: E402
 CHILD_TIMEOUT_S = 1800
 
-# Runs inside a checkout. Only distinct_prompts comes from the checkout's bench/; the timed loop is this
-# string on both sides, so a change to the bench script itself cannot show up as a difference.
+# Runs inside a checkout: model/ and service/ are imported from the checkout first, then this tree's
+# bench/engine_throughput.py (its run_engine and distinct_prompts), whose own imports then resolve to the
+# already-imported checkout packages. So both sides run the one timed loop, and a change to the bench
+# script itself cannot show up as a difference.
 ENGINE_CHILD = r"""
-import json, os, sys, time
+import importlib.util, json, os, sys
 import torch
-sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
-import model, service
-from engine_throughput import distinct_prompts
-from model.loading import load_model
-from service.engine.config import EngineConfig
-from service.engine.engine import Engine
-from service.engine.request import SamplingParams
-
+import model, service, model.loading, service.engine.engine
 spec = json.loads(sys.argv[1])
+module_spec = importlib.util.spec_from_file_location("engine_throughput", spec["bench_script"])
+bench = importlib.util.module_from_spec(module_spec)
+module_spec.loader.exec_module(bench)
+
 torch.set_num_threads(os.cpu_count())
-loaded = load_model("smollm2", "bfloat16", "cpu", "int4")  # the server's CPU defaults
-prompts = distinct_prompts(loaded.tokenizer, max(spec["counts"].values()), spec["prompt_len"])
-
-def run(prompts, output_len, max_num_seqs):
-    engine = Engine(loaded, EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-                                         kv_cache_memory=2 << 30, max_queue=1 << 20))
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    done = []
-    start = time.perf_counter()
-    for i, ids in enumerate(prompts):
-        engine.add_request(ids, params, f"ab{i}", lambda out: done.append(out) if out.finished else None)
-    while engine.has_unfinished():
-        engine.step()
-    elapsed = time.perf_counter() - start
-    tokens = sum(out.num_output_tokens for out in done)
-    assert tokens == len(prompts) * output_len, f"{tokens} tokens, expected {len(prompts) * output_len}"
-    return tokens / elapsed
-
+loaded = model.loading.load_model("smollm2", "bfloat16", "cpu", "int4")  # the server's CPU defaults
+prompts = bench.distinct_prompts(loaded.tokenizer, max(spec["counts"].values()), spec["prompt_len"])
 for seqs in spec["counts"]:  # warm up every batch shape that is timed, not just one
-    run(prompts[:min(int(seqs), 2)], 4, int(seqs))
-result = {f"engine_seqs{seqs}": run(prompts[:count], spec["output_len"], int(seqs))
+    bench.run_engine(loaded, prompts[:min(int(seqs), 2)], 4, int(seqs))
+result = {f"engine_seqs{seqs}": bench.run_engine(loaded, prompts[:count], spec["output_len"], int(seqs))["tok_per_s"]
           for seqs, count in spec["counts"].items()}
-result.update(service_file=service.__file__, model_file=model.__file__)
+result.update(service_file=service.__file__, model_file=model.__file__,
+              engine_file=sys.modules[bench.Engine.__module__].__file__)
 print("RESULT " + json.dumps(result), flush=True)
 """
 
@@ -112,8 +97,8 @@ def inside(path: str, folder: Path) -> bool:
     return Path(path).resolve().is_relative_to(folder.resolve())
 
 
-def verify_imports(python: str, checkout: Checkout) -> None:
-    proc = subprocess.run([python, "-c", IMPORT_CHECK], cwd=checkout.path, env=child_env(checkout),
+def verify_imports(checkout: Checkout) -> None:
+    proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=checkout.path, env=child_env(checkout),
                           capture_output=True, text=True, check=True)
     files = json.loads(proc.stdout.strip().splitlines()[-1])
     if not all(inside(f, checkout.path) for f in files):
@@ -121,65 +106,17 @@ def verify_imports(python: str, checkout: Checkout) -> None:
                          "measure the wrong code")
 
 
-def measure_engine(python: str, checkout: Checkout, spec: dict) -> dict:
-    proc = subprocess.run([python, "-c", ENGINE_CHILD, json.dumps(spec)], cwd=checkout.path,
+def measure_engine(checkout: Checkout, spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", ENGINE_CHILD, json.dumps(spec)], cwd=checkout.path,
                           env=child_env(checkout), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{checkout.side} engine child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1].removeprefix("RESULT "))
-    for key in ("service_file", "model_file"):
+    for key in ("service_file", "model_file", "engine_file"):
         if not inside(result.pop(key), checkout.path):
             raise RuntimeError(f"{checkout.side} engine child imported code from outside {checkout.path}")
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class CheckoutServer:
-    """`python -m service serve` from a checkout; started on enter (waits for /health), stopped by PID."""
-
-    def __init__(self, python: str, checkout: Checkout, startup_timeout: float = 300.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [python, "-m", "service", "serve", "--port", str(self.port), "--host", "127.0.0.1"]
-        self.checkout, self.startup_timeout = checkout, startup_timeout
-        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"kvserve-ab-{checkout.side}-", suffix=".log")
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> CheckoutServer:
-        self.proc = subprocess.Popen(self.command, cwd=self.checkout.path, env=child_env(self.checkout),
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.checkout.side} server exited {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.__exit__()
-        raise RuntimeError(f"{self.checkout.side} server not healthy in {self.startup_timeout} s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def prompt_texts(count: int, length: int) -> list[str]:
@@ -213,9 +150,11 @@ def stream_one(client: httpx.Client, url: str, ids: list[int], max_tokens: int) 
     return {"tok_per_s": max_tokens / (last - start), "ttft_ms": (first - start) * 1000}
 
 
-def measure_http(python: str, checkout: Checkout, spec: dict) -> dict:
+def measure_http(checkout: Checkout, spec: dict) -> dict:
     texts = prompt_texts(spec["http_requests"] + 1, spec["prompt_len"])
-    with CheckoutServer(python, checkout) as server, httpx.Client(timeout=600) as client:
+    server = ServerProcess("--host", "127.0.0.1", env=child_env(checkout), cwd=checkout.path,
+                           startup_timeout=300.0)
+    with server, httpx.Client(timeout=600) as client:
         prompts = []
         for text in texts:
             tokens = client.post(server.url + "/tokenize", json={"prompt": text}).raise_for_status().json()["tokens"]
@@ -228,7 +167,7 @@ def measure_http(python: str, checkout: Checkout, spec: dict) -> dict:
             "http_runs_tok_per_s": [round(r["tok_per_s"], 1) for r in runs]}
 
 
-def run_rounds(python: str, checkouts: list[Checkout], spec: dict, rounds: int) -> list[dict]:
+def run_rounds(checkouts: list[Checkout], spec: dict, rounds: int) -> list[dict]:
     raw = []
     for number in range(rounds):
         order = checkouts if number % 2 == 0 else checkouts[::-1]
@@ -236,7 +175,7 @@ def run_rounds(python: str, checkouts: list[Checkout], spec: dict, rounds: int) 
         # Measurement-major: the same measurement runs back to back on both sides.
         for measure in (measure_engine, measure_http):
             for checkout in order:
-                measured = measure(python, checkout, spec)
+                measured = measure(checkout, spec)
                 results[checkout.side].update(measured)
                 print(f"round {number + 1} {checkout.side} {measure.__name__}: {measured}", flush=True)
         raw.append({"round": number + 1, "order": [c.side for c in order], **results})
@@ -313,7 +252,7 @@ def main() -> None:
     args = parse_args()
     header = [f"Machine: {machine()}", "",
               f"Command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`"]
-    spec = {"counts": {"1": args.requests_at_1, "16": args.requests}, "prompt_len": args.prompt_len,
+    spec = {"bench_script": str(REPO / "bench/engine_throughput.py"), "counts": {"1": args.requests_at_1, "16": args.requests}, "prompt_len": args.prompt_len,
             "output_len": args.output_len, "http_requests": args.http_requests}
     revs = {"base": args.base, "head": args.head}
     tmp = Path(tempfile.mkdtemp(prefix="kvserve-ab-"))
@@ -321,8 +260,8 @@ def main() -> None:
     try:
         for side in ("base", "head"):
             checkouts.append(make_checkout(side, revs[side], tmp))
-            verify_imports(sys.executable, checkouts[-1])
-        raw = run_rounds(sys.executable, checkouts, spec, args.rounds)
+            verify_imports(checkouts[-1])
+        raw = run_rounds(checkouts, spec, args.rounds)
         text = report(raw, checkouts, revs, spec, header)
     finally:
         for checkout in checkouts:

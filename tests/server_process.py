@@ -28,17 +28,17 @@ class ServerProcess:
     """
 
     def __init__(self, *flags: str, env: dict[str, str] | None = None, startup_timeout: float = 180.0,
-                 command: list[str] | None = None):
+                 command: list[str] | None = None, cwd: Path = REPO):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = command or [sys.executable, "-m", "service", "serve", "--port", str(self.port), *flags]
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.startup_timeout = startup_timeout
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.startup_timeout, self.cwd = startup_timeout, cwd
         self.proc: subprocess.Popen | None = None
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix="kvserve-", suffix=".log", delete=False)
 
     def start(self) -> ServerProcess:
-        self.proc = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=self.log_file,
+        self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
