@@ -6,13 +6,18 @@ import os
 import sys
 
 from clients.cli import add_bench_arguments, add_chat_arguments, add_connection_arguments, add_sampling_arguments
-from service.settings import add_settings_arguments, settings_from_args
+from service.settings import BadSetting, add_settings_arguments, settings_from_args
 
 
 def _serve(args: argparse.Namespace) -> None:
+    try:
+        settings = settings_from_args(args)
+    except BadSetting as exc:
+        sys.stderr.write(f"kvserve serve: {exc}\n")
+        sys.exit(2)  # argparse's status for a usage error
     from service.server import serve
 
-    serve(settings_from_args(args))
+    serve(settings)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -64,7 +69,9 @@ def _bench(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="A small LLM inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the model over HTTP")
+    serve = commands.add_parser("serve", help="serve the model over HTTP",
+                                description="Serve the model over HTTP. Every flag can also be set by the "
+                                            "environment variable in brackets; a flag wins over its variable.")
     add_settings_arguments(serve)
     serve.set_defaults(run=_serve)
     gen = commands.add_parser("generate", help="generate one completion, from a server (--url) or in-process")

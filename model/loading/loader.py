@@ -11,6 +11,7 @@ Nothing is ever fetched from a model hub.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from model.quantization.int4 import quantize_model
 if TYPE_CHECKING:  # at run time read_model imports it: model.tokenizer imports this package for LoadError
     from model.tokenizer import TextTokenizer
 
+log = logging.getLogger("kvserve.model")
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,6 +45,7 @@ class LoadedModel:
     device: torch.device
     load_seconds: float
     quantization: str | None = None
+    num_parameters: int = 0  # before quantization; shared (tied) tensors counted once
 
 
 def smollm2_path() -> Path:
@@ -107,9 +110,24 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     """quantization="int4": the decoder's projections as 4-bit weights (CPU; see model/quantization/int4.py)."""
     start = time.perf_counter()
     torch_dtype, device = parse_dtype(dtype), torch.device(device)
+    log.info("reading %s ...", name)
     config, weights, tokenizer, source = read_model(name)
     model = build_model(config, weights, source, torch_dtype, device)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    log.info("read %s: %s, %s parameters, %s on %s (%.1f s)", source, config.architecture,
+             human_count(num_parameters), str(torch_dtype).removeprefix("torch."), device, time.perf_counter() - start)
     if quantization is not None:
+        began = time.perf_counter()
         quantize_model(model, quantization)
+        log.info("quantized the projections to %s (%.1f s)", quantization, time.perf_counter() - began)
     return LoadedModel(model, config, tokenizer, source, torch_dtype, device, time.perf_counter() - start,
-                       quantization)
+                       quantization, num_parameters)
+
+
+def human_count(count: int) -> str:
+    """135M, 1.2B: a parameter count as people write it."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if count >= size:
+            value = count / size
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return str(count)

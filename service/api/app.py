@@ -1,10 +1,8 @@
-"""The FastAPI app factory: routers, error shapes, auth, body limit, CORS, and model loading in the background."""
+"""The FastAPI app factory: routers, error shapes, auth, body limit, CORS, and the engine's start and stop."""
 from __future__ import annotations
 
+import asyncio
 import hmac
-import logging
-import threading
-from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Response
@@ -15,57 +13,35 @@ from starlette.datastructures import Headers
 from service import VERSION
 from service.api import routes_misc, routes_openai, routes_playground, routes_tgi
 from service.api.errors import error_response, install_error_handlers
+from service.api.request_log import RequestLog
 from service.api.state import ServerState
 from service.engine.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
+from service.startup import build_engine
 
-log = logging.getLogger("kvserve.api")
 OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
-def build_engine(settings: Settings) -> Engine:
-    import torch
-
-    from model.loading import load_model
-
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    loaded = load_model(settings.model, settings.resolved_dtype(), settings.resolved_device(),
-                        settings.resolved_quantization())
-    log.info("loaded %s (%s, %s, quantization %s) in %.1f s", loaded.source, loaded.dtype, loaded.device,
-             loaded.quantization, loaded.load_seconds)
-    return Engine(loaded, settings.engine_config())
+def _start_engine(state: ServerState, engine: Engine, metrics: Metrics) -> None:
+    if state.settings.enable_metrics:
+        metrics.attach(engine, state.settings.served_model_name, VERSION)
+    state.engine = engine.start()
 
 
-def _start_engine(state: ServerState, engine_factory: Callable[[Settings], Engine], metrics: Metrics) -> None:
-    try:
-        engine = engine_factory(state.settings)
-        if state.settings.enable_metrics:
-            metrics.attach(engine, state.settings.served_model_name, VERSION)
-        state.engine = engine.start()
-        info = engine.info()
-        log.info("ready: %d KV blocks of %d tokens", info.kv_cache_blocks, info.block_size)
-    except Exception as exc:  # reported by /health; the process stays up so the reason can be read
-        log.exception("model failed to load")
-        state.load_error = f"{type(exc).__name__}: {exc}"
-
-
-def create_app(settings: Settings | None = None,
-               engine_factory: Callable[[Settings], Engine] = build_engine) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The app for an engine built beforehand (`kvserve serve` loads the model before binding its port);
+    without one, the app's start-up loads the model itself, and a failure there fails the start-up."""
     settings = settings or Settings()
     state = ServerState(settings)
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # Load in the background so /health can answer 503 while the weights are read.
-        loader = threading.Thread(target=_start_engine, args=(state, engine_factory, metrics), daemon=True)
-        loader.start()
+        built = engine or await asyncio.to_thread(build_engine, settings)
+        _start_engine(state, built, metrics)
         yield
-        loader.join()
-        if state.engine is not None:
-            state.engine.stop()
+        built.stop()
 
     app = FastAPI(title="kvserve", version=VERSION, lifespan=lifespan,
                   description="LLM inference server: OpenAI-compatible and text-generation-inference-"
@@ -81,6 +57,8 @@ def create_app(settings: Settings | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.request_log:  # outermost: it sees the 401s and 413s of the middlewares inside it too
+        app.add_middleware(RequestLog)
     return app
 
 

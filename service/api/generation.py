@@ -7,6 +7,7 @@ runs past its timeout is aborted, so its stream still ends properly (finish_reas
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from service.api.errors import APIError, engine_error
+from service.api.request_log import current_record
 from service.engine import RequestOutput, SamplingParams
 from service.engine.engine import Engine
 from service.engine.errors import EngineError, RequestRejected
@@ -57,6 +59,9 @@ class Generation:
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.first_token_at: float | None = None  # time.perf_counter() of the first output token
+        self._finish_reasons: list[str] = []
+        self._tokens_seen = 0  # output tokens streamed so far, also for choices that never finished
         try:
             for prompt in prompts:
                 request_id = uuid.uuid4().hex
@@ -67,6 +72,9 @@ class Generation:
             raise engine_error(exc) from exc
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(timeout, self.abort)
+        record = current_record()
+        if record is not None:
+            record.generations.append(self)
 
     def abort(self) -> None:
         for request_id in self.request_ids:
@@ -91,15 +99,32 @@ class Generation:
                 if item is None:
                     remaining -= 1
                     continue
-                if item[1].finished:
-                    self.completion_tokens += item[1].num_output_tokens
-                    self.cached_tokens += item[1].num_cached_tokens if item[1].index == 0 else 0
+                self._note(item[1])
                 yield item
         finally:
             self._deadline.cancel()
             for task in tasks:
                 task.cancel()  # closing each stream aborts whatever has not finished
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _note(self, out: RequestOutput) -> None:
+        if self.first_token_at is None and out.new_token_ids:
+            self.first_token_at = time.perf_counter()
+        self._tokens_seen += len(out.new_token_ids)
+        if out.finished:
+            self.completion_tokens += out.num_output_tokens
+            self.cached_tokens += out.num_cached_tokens if out.index == 0 else 0
+            self._finish_reasons.append(out.finish_reason)
+
+    def output_tokens(self) -> int:
+        """Tokens generated, counting those of choices cut short (their usage was never reported)."""
+        return max(self.completion_tokens, self._tokens_seen)
+
+    def finish_reasons(self) -> list[str]:
+        """One per choice; a choice whose end never arrived (the client left, the stream was closed)
+        was aborted."""
+        missing = len(self.prompts) * self.params.n - len(self._finish_reasons)
+        return self._finish_reasons + ["abort"] * missing
 
     async def collect(self, request: Request | None = None) -> list[Choice]:
         """All choices, complete. If the client disconnects first, everything is aborted."""

@@ -15,8 +15,7 @@ from service.settings import Settings
 @dataclass
 class ServerState:
     settings: Settings
-    engine: Engine | None = None  # running on its own thread once loaded
-    load_error: str | None = None
+    engine: Engine | None = None  # running on its own thread once the app has started
     draining: bool = False
 
     @property
@@ -29,8 +28,6 @@ class ServerState:
         return self.engine is not None and self.engine.snapshot.healthy and not self.draining
 
     def not_ready_reason(self) -> str:
-        if self.load_error:
-            return f"model failed to load: {self.load_error}"
         if self.engine is None:
             return "model is loading"
         if self.draining:

@@ -23,18 +23,21 @@ def default_kv_cache_memory(device: str) -> int | None:
 
 @dataclass
 class EngineConfig:
-    block_size: int = setting(16, ge=1, le=256)
+    block_size: int = setting(16, "tokens per KV cache block (the paging and prefix-caching unit)", ge=1, le=256)
     kv_cache_memory: int | None = setting(CPU_KV_CACHE_MEMORY, "KV cache size, e.g. 2GiB (default: 1GiB on CPU, "
                                           "a fraction of free memory on GPU)")
-    gpu_memory_utilization: float = setting(0.9, gt=0, le=1)
-    max_num_seqs: int = setting(64, ge=1)
-    max_num_batched_tokens: int = setting(512, ge=1)
-    max_model_len: int | None = setting(None, "default: the model's own context length", ge=1)
+    gpu_memory_utilization: float = setting(0.9, "on a GPU without --kv-cache-memory: the fraction of its memory "
+                                            "the model and KV cache may use", gt=0, le=1)
+    max_num_seqs: int = setting(64, "most sequences in one batch (running at once)", ge=1)
+    max_num_batched_tokens: int = setting(512, "most tokens one step computes (longer prompts are prefilled in "
+                                          "chunks of this size)", ge=1)
+    max_model_len: int | None = setting(None, "longest prompt + output in tokens (default: the model's own "
+                                        "context length)", ge=1)
     max_queue: int = setting(256, "waiting requests beyond this are refused (503 from the server)", ge=0)
-    enable_prefix_caching: bool = setting(True)
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of prompts' shared prefixes")
     cuda_graphs: bool = setting(True, "replay GPU decode steps from CUDA graphs (--no-cuda-graphs: eager; "
                                 "ignored on CPU)")
     # Detokenize and emit a step's tokens while the device runs the next step (None: on a GPU only; on a
     # CPU the next step is the CPU's own work, so deferring would only delay every token by a step).
     defer_outputs: bool | None = None
-    seed: int = setting(0)
+    seed: int = setting(0, "seed of the sampler for requests without their own seed")

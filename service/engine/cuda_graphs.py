@@ -57,6 +57,7 @@ class DecodeGraphs:
         """Capture every size now (their inputs point at the scratch block), so no request waits on a
         capture later."""
         start = time.perf_counter()
+        log.info("capturing CUDA graphs for decode batches of %s (tuning the GEMV per shape) ...", self.sizes)
         for size in reversed(self.sizes):
             self._stage(size, [0], [1], [[self.scratch_block]])
             self.graphs[size] = self._capture(size)

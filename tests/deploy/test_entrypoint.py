@@ -83,4 +83,4 @@ def test_image_entrypoint_serves_then_drains_on_sigterm(tmp_path):
         assert streamed["status"] == 200
         assert streamed["finish_reason"] == "length", streamed  # finished, not aborted by the shutdown
         assert server.proc.wait(60) == 0, server.log()
-    assert "draining: 1 requests in flight" in server.log()
+    assert "draining: 1 request in flight" in server.log()
