@@ -36,11 +36,17 @@ def test_thread_serves_requests_from_another_thread(tiny_loaded, started):
     assert started.core.blocks.num_used == 0
 
 
+def start_long_request(engine, seed: int) -> Collector:
+    """A request far longer than any test waits for, once its first outputs have arrived."""
+    collector = Collector()
+    engine.add_request(random_prompt(seed, 30), greedy(2000 - 30), "long", collector)
+    assert collector.wait_outputs(("long", 0), 2, TIMEOUT)
+    return collector
+
+
 def test_thread_abort(started):
     started.start()
-    collector = Collector()
-    started.add_request(random_prompt(800, 30), greedy(2000 - 30), "long", collector)
-    assert collector.wait_outputs(("long", 0), 2, TIMEOUT)
+    collector = start_long_request(started, 800)
     started.abort("long")
     assert collector.wait([("long", 0)], TIMEOUT)
     assert collector["long"].finish_reason == "abort"
@@ -68,9 +74,7 @@ def test_dead_loop_fails_everyone_and_refuses_new_work(started):
 
 def test_stop_answers_outstanding_requests(started):
     started.start()
-    collector = Collector()
-    started.add_request(random_prompt(1000, 30), greedy(2000 - 30), "long", collector)
-    assert collector.wait_outputs(("long", 0), 2, TIMEOUT)
+    collector = start_long_request(started, 1000)
     started.stop()
     assert not started._thread.is_alive()
     # Nothing is left hanging: the request got a final output, and the engine refuses new work.
