@@ -21,6 +21,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str, log) -> bool:
+    """Poll `url` until it answers 200 (True) or `timeout` passes (False); raise if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 class ServerProcess:
     """`python -m service serve` with the given flags; waits for /health to be 200.
 
@@ -40,18 +55,10 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {self.startup_timeout} s:\n{self.log()}")
+        if not wait_until_healthy(self.proc, self.url + "/health", self.startup_timeout, "server", self.log):
+            self.stop()
+            raise RuntimeError(f"server not healthy after {self.startup_timeout} s:\n{self.log()}")
+        return self
 
     def log(self) -> str:
         self.log_file.flush()

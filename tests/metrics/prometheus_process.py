@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.server_process import free_port
+from tests.server_process import free_port, wait_until_healthy
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
@@ -42,18 +42,10 @@ class PrometheusProcess:
             [PROMETHEUS, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/-/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"prometheus not ready after {self.startup_timeout} s:\n{self.log()}")
+        if not wait_until_healthy(self.proc, self.url + "/-/ready", self.startup_timeout, "prometheus", self.log):
+            self.stop()
+            raise RuntimeError(f"prometheus not ready after {self.startup_timeout} s:\n{self.log()}")
+        return self
 
     def log(self) -> str:
         return (self.dir / "prometheus.log").read_text()
