@@ -68,8 +68,9 @@ async def _run_level(client: AsyncClient, cfg: BenchConfig, builder: PromptBuild
 
 async def benchmark(cfg: BenchConfig) -> dict:
     """Run the benchmark and write its JSON and PNG files; returns what the JSON holds."""
-    from clients.bench.plots import plot_run, plot_sweep
+    from clients.bench.plots import plot_run, plot_sweep, require_matplotlib
 
+    require_matplotlib()
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     async with AsyncClient(cfg.url, cfg.api_key, model=cfg.model, timeout=cfg.timeout, max_retries=0) as client:
         model = cfg.model or (await client.models()).data[0].id

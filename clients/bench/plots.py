@@ -1,5 +1,5 @@
 """PNG figures of a benchmark: latency CDFs and throughput over time for one run; throughput against
-latency across a sweep. matplotlib is imported here only, with the file-only Agg backend."""
+latency across a sweep. matplotlib (the `bench` extra) is imported here only, with the file-only Agg backend."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,19 @@ from pathlib import Path
 import numpy as np
 
 from clients.bench.runner import RequestRecord
+
+
+MISSING = ("error: kvserve bench draws its figures with matplotlib, which is not installed: pip install "
+           "'kvserve[bench]' (in a checkout: .venv/bin/pip install -e '.[bench]')")
+
+
+def require_matplotlib() -> None:
+    """Exit with one line saying how to install the bench extra; checked before any load is sent, so a
+    long benchmark does not fail only when it comes to drawing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(MISSING) from None
 
 
 def _pyplot():

@@ -12,6 +12,7 @@ from starlette.datastructures import Headers
 
 from service import VERSION
 from service.api import routes_misc, routes_openai, routes_playground, routes_tgi
+from service.api.docs import install_docs
 from service.api.errors import error_response, install_error_handlers
 from service.api.request_log import RequestLog
 from service.api.state import ServerState
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         built.stop()
 
     app = FastAPI(title="kvserve", version=VERSION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None,  # install_docs serves them, CDN-free
                   description="LLM inference server: OpenAI-compatible and text-generation-inference-"
                               "compatible generation, streamed, over a paged KV cache.")
     app.state.server = state
@@ -51,6 +53,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app)
     for router in (routes_misc.router, routes_openai.router, routes_tgi.router, routes_playground.router):
         app.include_router(router)
+    install_docs(app)
     _install_http_metrics(app, metrics)
     _install_auth(app, settings)
     if settings.cors_origins:
