@@ -47,7 +47,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /home/kvserve
 USER 10001:10001
 EXPOSE 8000
-# /health is 503 while the model loads, while draining and if the engine died; the start period covers the load.
+# The port opens once the model has loaded (a failed load exits 1); /health is 503 while draining and if the engine
+# died. The start period covers the load.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('KVSERVE_PORT', '8000'), timeout=4)"]
 # Exec form: kvserve is PID 1 and gets SIGTERM itself, then stops admitting and drains in-flight requests.

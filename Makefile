@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev serve test bench clean chromium prometheus
+.PHONY: install install-dev serve test clean chromium prometheus
 
 install: $(RUNTIME_STAMP)
 
