@@ -1,4 +1,4 @@
-"""The client side of the `kvserve` command: `generate --url`, `chat` and `bench` (wired in service/cli.py)."""
+"""The client side of the `kvserve` command: `generate`, `chat` and `bench` (wired in service/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,22 +8,25 @@ import time
 from pathlib import Path
 
 from clients.client import Client
-from clients.errors import KvserveError
+from clients.errors import APIConnectionError, KvserveError
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser, url_help: str | None = None) -> None:
     parser.add_argument("--url", default=None,
                         help=url_help or "server URL (default: $KVSERVE_URL, else http://127.0.0.1:8000)")
     parser.add_argument("--api-key", default=None, help="bearer API key (default: $KVSERVE_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for each read")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait for each read (default: %(default)s)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.0,
                            max_tokens: int = 64) -> None:
-    parser.add_argument("--temperature", type=float, default=temperature)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help="sampling temperature; 0 is greedy (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens,
+                        help="most tokens to generate (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of this request's sampling")
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -35,8 +38,16 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, args.api_key, model=getattr(args, "model", None), timeout=args.timeout)
 
 
-def fail(error: KvserveError) -> None:
-    sys.stderr.write(f"error: {error}\n")
+START_A_SERVER = "start one with `kvserve serve` or point --url or KVSERVE_URL at one"
+
+
+def fail(error: KvserveError, url: str | None = None, remedy: str = START_A_SERVER) -> None:
+    """One line on stderr, then exit status 1. A connection that was never made (the only kind the client
+    retries) means no server listens at `url`: say so, and what to do, rather than httpx's words."""
+    if url is not None and isinstance(error, APIConnectionError) and error.retryable:
+        sys.stderr.write(f"error: no kvserve server answers at {url} ({error.message}); {remedy}\n")
+    else:
+        sys.stderr.write(f"error: {error}\n")
     raise SystemExit(1)
 
 
@@ -71,11 +82,13 @@ class Meter:
 
 def generate_remote(args: argparse.Namespace) -> None:
     """One completion from a server: /v1/chat/completions with --chat, else /v1/completions."""
+    client = _client(args)
     try:
-        with _client(args) as client:
+        with client:
             (_print_streamed if args.stream else _print_whole)(client, args)
     except KvserveError as exc:
-        fail(exc)
+        fail(exc, client.options.base_url, "start one with `kvserve serve`, point --url or KVSERVE_URL at one, "
+                                            "or add --local to run the model in this process")
 
 
 def _print_streamed(client: Client, args: argparse.Namespace) -> None:
@@ -113,8 +126,9 @@ def chat(args: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
+    client = _client(args)
     try:
-        with _client(args) as client:
+        with client:
             if interactive:
                 sys.stderr.write(f"kvserve chat at {client.options.base_url}: /reset clears the history, /exit "
                                  "or Ctrl-D quits, Ctrl-C stops a reply.\n")
@@ -128,7 +142,7 @@ def chat(args: argparse.Namespace) -> None:
                     history.append({"role": "user", "content": line})
                     history.append({"role": "assistant", "content": _reply(client, history, args, interactive)})
     except KvserveError as exc:
-        fail(exc)
+        fail(exc, client.options.base_url)
 
 
 def _read(interactive: bool) -> str | None:

@@ -1,4 +1,4 @@
-"""The `kvserve` command: serve; generate (from a server with --url, else in-process); chat; bench."""
+"""The `kvserve` command: serve; generate (from a server, or in this process with --local); chat; bench."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import os
 import sys
 
 from clients.cli import add_bench_arguments, add_chat_arguments, add_connection_arguments, add_sampling_arguments
-from service.settings import BadSetting, add_settings_arguments, settings_from_args
+from service.settings import BadSetting, Settings, add_settings_arguments, flag_name, help_text, settings_from_args
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -21,37 +21,18 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    if args.url:
-        from clients.cli import generate_remote
+    if args.local:
+        if args.url is not None:
+            args.parser.error("--url asks a server, --local runs the model here: give one of them")
+        from service.generate_local import generate_local
 
-        return generate_remote(args)
-    from service.engine import LLM, SamplingParams
+        return generate_local(args)
+    loading_flags = [flag_name(name) for name in ("dtype", "quantization", "device") if getattr(args, name)]
+    if loading_flags:  # refused rather than ignored: they would not change what the server runs
+        args.parser.error(f"{', '.join(loading_flags)}: only with --local (a server loads its own model)")
+    from clients.cli import generate_remote
 
-    llm = LLM(args.model or "smollm2", dtype=args.dtype, device=args.device, kv_cache_memory=256 << 20)
-    prompt = llm.tokenizer.render_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed)
-    if args.stream:
-        return _generate_streamed(llm, prompt, params)
-    result = llm.generate([prompt], params)[0]
-    sys.stdout.write(result.text + "\n")
-    sys.stderr.write(f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}]\n")
-
-
-def _generate_streamed(llm, prompt: str, params) -> None:
-    finished = []
-
-    def show(out) -> None:
-        sys.stdout.write(out.new_text)
-        sys.stdout.flush()
-        if out.finished:
-            finished.append(out)
-
-    llm.engine.add_request(llm.tokenizer.encode(prompt), params, "cli", show)
-    while llm.engine.has_unfinished():
-        llm.engine.step()
-    sys.stdout.write("\n")
-    sys.stderr.write(f"[{finished[0].num_output_tokens} tokens, finish_reason={finished[0].finish_reason}]\n")
+    generate_remote(args)
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -66,6 +47,11 @@ def _bench(args: argparse.Namespace) -> None:
     bench(args)
 
 
+def _setting_help(name: str) -> str:
+    """The server's own help text for one of its settings, default and variable included."""
+    return help_text(name, Settings.model_fields[name])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="A small LLM inference server.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,17 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
                                             "environment variable in brackets; a flag wins over its variable.")
     add_settings_arguments(serve)
     serve.set_defaults(run=_serve)
-    gen = commands.add_parser("generate", help="generate one completion, from a server (--url) or in-process")
+    gen = commands.add_parser("generate", help="generate one completion from a server (or here, with --local)",
+                              description="Generate one completion from a kvserve server (--url, else "
+                                          "$KVSERVE_URL, else http://127.0.0.1:8000) or, with --local, from "
+                                          "the model loaded in this process as `kvserve serve` would load it.")
     gen.add_argument("prompt")
-    add_connection_arguments(gen, "server URL; without it the model runs in this process")
-    gen.add_argument("--model", default=None, help="in-process: smollm2, a .gguf file or a folder (default "
-                                                   "smollm2); with --url: the model name (default: the server's)")
-    gen.add_argument("--dtype", default="float32", help="in-process only")
-    gen.add_argument("--device", default="cpu", help="in-process only")
+    add_connection_arguments(gen)
+    gen.add_argument("--local", action="store_true",
+                     help="run the model in this process instead of asking a server: loaded as `kvserve serve` "
+                          "loads it, with its defaults and KVSERVE_* variables (the same dtype and quantization)")
+    gen.add_argument("--model", default=None, help="from a server: the model name to ask for (default: the "
+                                                   "server's); with --local: " + _setting_help("model"))
+    for name in ("dtype", "quantization", "device"):
+        gen.add_argument(flag_name(name), default=None, help="with --local: " + _setting_help(name))
     gen.add_argument("--chat", action="store_true", help="a chat message (chat template), not raw text")
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     add_sampling_arguments(gen)
-    gen.set_defaults(run=_generate)
+    gen.set_defaults(run=_generate, parser=gen)
     chat = commands.add_parser("chat", help="chat with a server interactively (streams, keeps the history)")
     add_chat_arguments(chat)
     chat.set_defaults(run=_chat)

@@ -14,6 +14,7 @@ from service import VERSION
 from service.api import routes_misc, routes_openai, routes_playground, routes_tgi
 from service.api.docs import install_docs
 from service.api.errors import error_response, install_error_handlers
+from service.api.json_body import JsonByDefault
 from service.api.request_log import RequestLog
 from service.api.state import ServerState
 from service.engine.engine import Engine
@@ -21,7 +22,7 @@ from service.metrics import Metrics
 from service.settings import Settings
 from service.startup import build_engine
 
-OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+OPEN_PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"}
 
 
 def _start_engine(state: ServerState, engine: Engine, metrics: Metrics) -> None:
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(JsonByDefault)
     if settings.request_log:  # outermost: it sees the 401s and 413s of the middlewares inside it too
         app.add_middleware(RequestLog)
     return app

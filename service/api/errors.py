@@ -75,6 +75,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return error_response(request.url.path, 400, f"malformed JSON body: {first.get('msg')}", "body",
                                   "invalid_json")
+        if first.get("loc") == ("body",) and isinstance(first.get("input"), bytes):
+            # FastAPI hands a body over unparsed only when its content-type is not JSON.
+            given = request.headers.get("content-type") or "none"
+            return error_response(request.url.path, 400, "the request body must be JSON, sent with the header "
+                                  f"content-type: application/json (content-type given: {given})", "body",
+                                  "invalid_content_type")
         field = _field_name(tuple(first.get("loc", ())))
         message = first.get("msg", "invalid request")
         if field:
@@ -83,7 +89,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        # FastAPI's only 400 here is a body it could not parse (e.g. not UTF-8).
+        # FastAPI's only 400 here is a body it could not parse; the reason is the exception it raised from.
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            return error_response(request.url.path, 400, "the request body is not UTF-8: it must be JSON "
+                                  f"encoded as UTF-8 ({exc.__cause__.reason} at byte {exc.__cause__.start})",
+                                  "body", "invalid_encoding")
         param, code = ("body", "invalid_body") if exc.status_code == 400 else (None, None)
         return error_response(request.url.path, exc.status_code, str(exc.detail), param, code)
 

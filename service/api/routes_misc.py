@@ -29,10 +29,10 @@ async def tokenize(body: TokenizeRequest, state: StateDep, engine: EngineDep):
                 for i, start, stop in tokenizer.encode_with_offsets(body.inputs)]
     if body.messages is not None:
         text = chat_text(body.messages, tokenizer, body.add_generation_prompt)
-    elif body.prompt is not None:
-        text = body.prompt
+    elif body.prompt is not None or body.text is not None:
+        text = body.prompt if body.prompt is not None else body.text
     else:
-        raise APIError(400, "one of prompt, messages or inputs is required", "prompt", "missing")
+        raise APIError(400, "one of prompt (or text), messages or inputs is required", "prompt", "missing")
     tokens = tokenizer.encode(text)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.info().max_model_len}
 

@@ -1,4 +1,5 @@
-"""The web playground: GET / is one static page (no build step); /static/* its script and stylesheet."""
+"""The web playground: GET / is one static page (no build step); /static/* its script, stylesheet and
+icon, which /favicon.ico answers too."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,6 +18,13 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 @router.get("/", include_in_schema=False)
 async def playground() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type=_TYPES[".html"], headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    # Asked for by browsers on pages without a <link rel="icon"> (the playground has one); SVG is fine there.
+    return FileResponse(STATIC / "favicon.svg", media_type=_TYPES[".svg"],
+                        headers={"Cache-Control": "max-age=86400"})
 
 
 @router.get("/static/{name}", include_in_schema=False)

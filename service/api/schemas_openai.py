@@ -18,7 +18,7 @@ class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions, with kvserve's extensions."""
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str
+    model: str | None = None  # none: the served model, as vLLM does
     temperature: float = Field(1.0, **engine_range("temperature", le=2))
     top_p: float = Field(1.0, **engine_range("top_p"))
     n: int = Field(1, **engine_range("n", le=16))
@@ -113,11 +113,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    """vLLM's /tokenize: a prompt or chat messages (TGI's {"inputs"} is accepted too)."""
+    """vLLM's /tokenize: a prompt or chat messages; {"text"} is a prompt too, and TGI's {"inputs"} is accepted."""
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     prompt: str | None = None
+    text: str | None = None
     inputs: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True

@@ -12,7 +12,7 @@ class GenerateParameters(BaseModel):
 
     best_of: int | None = Field(None, ge=1)
     decoder_input_details: bool = False
-    details: bool = True
+    details: bool = False  # as in text-generation-inference: /generate adds them only when asked
     do_sample: bool = False
     frequency_penalty: float | None = Field(None, **engine_range("frequency_penalty"))
     grammar: dict | None = None

@@ -47,7 +47,6 @@ CASES = [
     ("prompt-number", CMPL, cmpl(prompt=123), 400, "prompt"),
     ("prompt-mixed-list", CMPL, cmpl(prompt=["a", 1]), 400, "prompt"),
     ("prompt-missing", CMPL, {"model": M}, 400, "prompt"),
-    ("model-missing", CMPL, {"prompt": "hi"}, 400, "model"),
     ("token-id-beyond-vocab", CMPL, cmpl(prompt=[1, 99_999_999]), 400, "prompt"),
     ("token-id-negative", CMPL, cmpl(prompt=[[1, -5]]), 400, "prompt"),
     ("stop_token_ids-beyond-vocab", CMPL, cmpl(stop_token_ids=[999_999]), 400, "stop_token_ids"),

@@ -1,22 +1,35 @@
-"""The `kvserve` command's client side (generate --url, chat, bench) as a user runs it, against the
-session `server`."""
+"""The `kvserve` command's client side (generate, chat, bench) as a user runs it, against the session
+`server`; and `generate --local`, the model in the command's own process."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from tests.server_process import REPO
+from tests.server_process import REPO, free_port
 
 pytestmark = pytest.mark.slow
+PROMPT = "The capital of France is"
 
 
-def kvserve(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def kvserve(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "service", *args], cwd=REPO, input=stdin, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
+
+
+def clean_env(**variables: str) -> dict[str, str]:
+    """This process's environment without any KVSERVE_ variable, plus `variables`."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("KVSERVE_")} | variables
+
+
+def nothing_listens() -> str:
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_generate_from_server_streamed_and_not(server):
@@ -25,6 +38,69 @@ def test_generate_from_server_streamed_and_not(server):
     assert plain.returncode == streamed.returncode == 0, plain.stderr + streamed.stderr
     assert plain.stdout == streamed.stdout and plain.stdout.strip()  # greedy: the same text either way
     assert "4 tokens" in plain.stderr and "finish_reason=length" in streamed.stderr
+
+
+def test_generate_asks_the_server_at_kvserve_url(server):
+    result = kvserve("generate", PROMPT, "--max-tokens", "4", env=clean_env(KVSERVE_URL=server.url))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "4 tokens" in result.stderr
+
+
+def test_generate_url_flag_wins_over_kvserve_url(server):
+    result = kvserve("generate", PROMPT, "--max-tokens", "4", "--url", server.url,
+                     env=clean_env(KVSERVE_URL=nothing_listens()))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "4 tokens" in result.stderr
+
+
+def check_no_server(result: subprocess.CompletedProcess, url: str) -> None:
+    assert result.returncode == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: no kvserve server answers at {url} ")
+    assert "`kvserve serve`" in result.stderr and "--local" in result.stderr
+
+
+def test_generate_without_a_server_says_so_in_one_line():
+    url = nothing_listens()
+    check_no_server(kvserve("generate", "Hi", env=clean_env(KVSERVE_URL=url)), url)
+
+
+def test_generate_asks_127_0_0_1_port_8000_by_default():
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.skip("something listens on 127.0.0.1:8000, the default server URL")
+    check_no_server(kvserve("generate", "Hi", env=clean_env()), "http://127.0.0.1:8000")
+
+
+def test_generate_refuses_loading_flags_without_local():
+    result = kvserve("generate", "Hi", "--dtype", "float32", "--quantization", "none", env=clean_env())
+    assert result.returncode == 2
+    assert "--dtype, --quantization: only with --local" in result.stderr
+    both = kvserve("generate", "Hi", "--local", "--url", nothing_listens(), env=clean_env())
+    assert both.returncode == 2 and "give one of them" in both.stderr
+
+
+def test_generate_local_loads_the_model_as_the_server_does(server):
+    # The server's defaults: on a CPU the int4 projections in bfloat16, on a GPU bfloat16 unquantized.
+    loaded = "dtype bfloat16, quantization none, device cuda" if torch.cuda.is_available() else \
+        "dtype bfloat16, quantization int4, device cpu"
+    local = kvserve("generate", PROMPT, "--local", "--max-tokens", "4", "--stream", env=clean_env())
+    assert local.returncode == 0, local.stderr
+    assert f"loading model smollm2 ({loaded}" in local.stderr and "4 tokens" in local.stderr
+    assert local.stdout.strip() and "INFO" not in local.stdout  # the load's log lines go to stderr
+    # The session server runs the exact float32 model: --local with the same flags answers the same text.
+    exact = kvserve("generate", PROMPT, "--local", "--quantization", "none", "--dtype", "float32",
+                    "--max-tokens", "8", env=clean_env())
+    remote = kvserve("generate", PROMPT, "--url", server.url, "--max-tokens", "8")
+    assert exact.returncode == remote.returncode == 0, exact.stderr + remote.stderr
+    assert "dtype float32, quantization none" in exact.stderr
+    assert exact.stdout == remote.stdout and exact.stdout.strip()
+
+
+def test_generate_local_reports_a_bad_setting_in_one_line():
+    result = kvserve("generate", "Hi", "--local", "--dtype", "float8", env=clean_env())
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "--dtype (or KVSERVE_DTYPE)" in result.stderr and "'float8'" in result.stderr
 
 
 def test_generate_reports_a_bad_request_and_exits_nonzero(server):
