@@ -15,6 +15,7 @@ from prometheus_client.process_collector import ProcessCollector
 from service.engine.engine import Engine
 from service.engine.sequence import Sequence
 from service.engine.status import StepStats
+from service.engine.structured.spec import KINDS
 
 # Seconds, from a millisecond to ten minutes: decode steps and ITL at the low end, queueing and
 # long generations at the top.
@@ -27,6 +28,9 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 
 # and dashboards have a series to read before anything has happened.
 FINISH_REASONS = ("stop", "length", "abort")
 FAILURE_REASONS = ("error", "overloaded", "rejected", "engine_dead")
+STRUCTURED_KINDS = KINDS  # json, regex, choice, grammar
+# Grammar compiles: ~0.5 ms for a small JSON schema, tens of ms for large ones, a second at the limit.
+COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -63,6 +67,18 @@ class Metrics:
             self.success.labels(reason)
         for reason in FAILURE_REASONS:
             self.failure.labels(reason)
+        self.structured = Counter("kvserve_structured_requests", "Constrained requests accepted, by kind.",
+                                  ["kind"], registry=registry)
+        self.grammar_compile = Histogram("kvserve_grammar_compile_seconds",
+                                         "Grammar compile time (cache misses only), by kind.", ["kind"],
+                                         buckets=COMPILE_BUCKETS, registry=registry)
+        self.grammar_failures = Counter("kvserve_grammar_compile_failures",
+                                        "Constraints llguidance refused to compile, by kind.", ["kind"],
+                                        registry=registry)
+        for kind in STRUCTURED_KINDS:
+            self.structured.labels(kind)
+            self.grammar_compile.labels(kind)
+            self.grammar_failures.labels(kind)
         self.http_requests = Counter("kvserve_http_requests", "HTTP requests by route and status.",
                                      ["method", "route", "status"], registry=registry)
         self.info = Info("kvserve_model", "The served model and engine settings.", registry=registry)
@@ -74,6 +90,8 @@ class Metrics:
         engine.events.on_step.append(self.observe_step)
         engine.events.on_finish.append(self.observe_finished)
         engine.events.on_refusal.append(self.observe_refused)
+        engine.events.on_constrained.append(lambda kind: self.structured.labels(kind).inc())
+        engine.events.on_grammar_compiled.append(self.observe_compiled)
         info = engine.info()
         self.info.info({"model": model_name, "source": info.model, "dtype": info.dtype,
                         "quantization": info.quantization or "none", "device": info.device,
@@ -116,6 +134,11 @@ class Metrics:
     def observe_refused(self, reason: str) -> None:
         self.failure.labels(reason).inc()
 
+    def observe_compiled(self, kind: str, seconds: float, error: str | None) -> None:
+        self.grammar_compile.labels(kind).observe(seconds)
+        if error is not None:
+            self.grammar_failures.labels(kind).inc()
+
 
 class _EngineStateCollector:
     """Gauges and engine-owned counters, read at scrape time."""
@@ -131,6 +154,8 @@ class _EngineStateCollector:
         gauges = [
             ("kvserve_num_requests_running", "Requests in the running batch.", snapshot.num_running),
             ("kvserve_num_requests_waiting", "Requests waiting to be scheduled.", engine.num_waiting),
+            ("kvserve_num_requests_awaiting_grammar", "Waiting requests whose grammar is still compiling.",
+             snapshot.num_awaiting_grammar),
             ("kvserve_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", snapshot.kv_usage),
             ("kvserve_kv_cache_blocks_capacity", "KV blocks in the cache.", snapshot.kv_blocks_total),
             ("kvserve_kv_cache_blocks_used", "KV blocks held by requests.", snapshot.kv_blocks_used),

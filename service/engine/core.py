@@ -3,22 +3,29 @@
 It owns the parts of one step: the block manager and scheduler (which sequences run, every counter and
 block commit), the runner (tensors, forward, sampling) and the output processor (text, stop strings,
 delivery). Its one map is the live requests by id; everything per sequence lives on the Sequence.
-Finishing a sequence is one call, `finish`, whatever the reason.
+Finishing a sequence is one call, `finish`, whatever the reason. A constrained request whose grammar
+is still compiling waits in `awaiting`, outside the scheduler, while the others keep decoding.
 """
 from __future__ import annotations
 
 import logging
 import time
 import traceback
+from concurrent.futures import FIRST_COMPLETED, wait
+from typing import TYPE_CHECKING
 
 from model.loading import LoadedModel
 from service.engine.block_manager import BlockManager
 from service.engine.config import EngineConfig
+from service.engine.errors import RequestRejected
 from service.engine.outputs import OutputProcessor, RequestOutput
 from service.engine.runner import Runner, plan_cache
 from service.engine.scheduler import ScheduledBatch, Scheduler
 from service.engine.sequence import Sequence, SequenceGroup
 from service.engine.status import EngineEvents, EngineInfo, EngineSnapshot, StepStats
+
+if TYPE_CHECKING:
+    from service.engine.structured.compiler import CompiledGrammar
 
 log = logging.getLogger("kvserve.engine")
 
@@ -34,6 +41,7 @@ class EngineCore:
         defer = loaded.device.type == "cuda" if config.defer_outputs is None else config.defer_outputs
         self.outputs = OutputProcessor(self.max_model_len, defer, self.finish)
         self.groups: dict[str, SequenceGroup] = {}  # live requests by id
+        self.awaiting: list[SequenceGroup] = []  # live requests whose grammar is being compiled
         self.events = events
         self.info = EngineInfo(
             model=loaded.source, name=loaded.config.name, architecture=loaded.config.architecture,
@@ -53,8 +61,40 @@ class EngineCore:
                 self.outputs.send(group, out)
             return
         self.groups[group.request_id] = group
+        if group.grammar is not None and not group.grammar.done():
+            self.awaiting.append(group)
+        else:
+            self._start(group)
+
+    def _start(self, group: SequenceGroup) -> None:
+        """Hand a request's samples to the scheduler, each constrained one with its own matcher."""
+        if group.grammar is not None:
+            compiled = _compiled(group)
+            if isinstance(compiled, str):
+                for seq in group.sequences:
+                    self.finish(seq, "error", error=compiled)
+                return
+            for seq in group.sequences:
+                seq.grammar = compiled.new_state()
         for seq in group.sequences:
             self.scheduler.add(seq)
+
+    def _start_compiled(self) -> None:
+        """Start the awaiting requests whose grammar is ready; drop those aborted meanwhile."""
+        still = []
+        for group in self.awaiting:
+            if group.is_finished:
+                continue
+            if group.grammar.done():
+                self._start(group)
+            else:
+                still.append(group)
+        self.awaiting = still
+
+    def wait_for_grammars(self, timeout: float) -> None:
+        """Block until an awaited grammar is ready (for a caller stepping by hand with nothing else to run)."""
+        if self.awaiting:
+            wait([group.grammar for group in self.awaiting], timeout, FIRST_COMPLETED)
 
     def abort(self, request_id: str) -> None:
         group = self.groups.get(request_id)
@@ -91,13 +131,20 @@ class EngineCore:
 
     # --- one step ---------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """Something to schedule, or an awaited grammar that is ready (or a request aborted while waiting)."""
+        return self.scheduler.has_work() or any(group.is_finished or group.grammar.done()
+                                                for group in self.awaiting)
+
+    @property
+    def num_awaiting(self) -> int:
+        return sum(len(group.sequences) for group in self.awaiting if not group.is_finished)
 
     def schedule(self) -> ScheduledBatch:
         """The next step's batch (admissions and preemptions done); run() it."""
         for group in self.outputs.undeliverable:
             self.abort(group.request_id)
         self.outputs.undeliverable.clear()
+        self._start_compiled()
         return self.scheduler.schedule()
 
     def run(self, batch: ScheduledBatch) -> None:
@@ -125,9 +172,10 @@ class EngineCore:
 
     def snapshot(self, dead_reason: str | None = None) -> EngineSnapshot:
         blocks, scheduler = self.blocks, self.scheduler
+        waiting = scheduler.num_waiting + self.num_awaiting
         return EngineSnapshot(
-            num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
-            num_unfinished=scheduler.num_running + scheduler.num_waiting, kv_blocks_total=blocks.num_blocks,
+            num_running=scheduler.num_running, num_waiting=waiting, num_awaiting_grammar=self.num_awaiting,
+            num_unfinished=scheduler.num_running + waiting, kv_blocks_total=blocks.num_blocks,
             kv_blocks_used=blocks.num_used, kv_blocks_cached=blocks.num_cached,
             num_preemptions=scheduler.num_preemptions, prefix_queries=blocks.prefix_queries,
             prefix_hits=blocks.prefix_hits, healthy=dead_reason is None, dead_reason=dead_reason)
@@ -141,3 +189,17 @@ class EngineCore:
         for listener in self.events.on_step:
             listener(stats)
 
+
+def _compiled(group: SequenceGroup) -> CompiledGrammar | str:
+    """A done grammar future's CompiledGrammar, or the error message that fails the request."""
+    future = group.grammar
+    if future.cancelled():
+        return "grammar compile was cancelled: the engine is stopping"
+    if future.exception() is not None:
+        return f"grammar compile failed: {type(future.exception()).__name__}: {future.exception()}"
+    compiled = future.result()
+    try:
+        compiled.check(group.sequences[0].params.structured)
+    except RequestRejected as exc:
+        return str(exc)
+    return compiled

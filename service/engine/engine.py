@@ -3,6 +3,13 @@
 Only the engine's thread (or, offline, the caller that drives `step()` by hand) touches the step core.
 Other threads call `add_request`, `submit` (asyncio), `abort` and `abort_all`, which validate and hand
 work over through the inbox, and read `snapshot`, which the engine replaces after every step.
+
+A constrained request (SamplingParams.structured) starts its grammar's compile on the compile workers
+when it is added; the step loop never compiles. A constraint llguidance refuses raises RequestRejected
+from add_request/submit when the refusal is already known (cached, or the compile was instant), else it
+ends the request with finish_reason "error". Callers that must answer a refusal before anything else
+(an HTTP 400) await `check_structured` first: it compiles off the event loop and caches the result, so
+the submit that follows finds the grammar ready.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import traceback
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 
 from model.loading import LoadedModel
 from service.engine.config import EngineConfig
@@ -23,6 +31,8 @@ from service.engine.outputs import RequestOutput
 from service.engine.request import SamplingParams
 from service.engine.sequence import OutputSink, SequenceGroup
 from service.engine.status import EngineEvents, EngineInfo, EngineSnapshot
+from service.engine.structured.compiler import CompiledGrammar, GrammarCompiler
+from service.engine.structured.spec import StructuredOutput
 from service.engine.validation import validate_request
 
 log = logging.getLogger("kvserve.engine")
@@ -36,6 +46,8 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.events = EngineEvents()
         self.core = EngineCore(loaded, config, self.events)
+        self.grammars = GrammarCompiler(self.tokenizer, loaded.config.vocab_size,
+                                        listeners=self.events.on_grammar_compiled)
         self.snapshot: EngineSnapshot = self.core.snapshot()
         self._inbox: deque[tuple[str, str | None, SequenceGroup | None]] = deque()  # (kind, request id, group)
         self._wakeup = threading.Event()
@@ -67,14 +79,42 @@ class Engine:
                                       info.kv_cache_tokens)
             if self.num_waiting + params.n > self.config.max_queue:
                 raise EngineOverloaded(f"waiting queue is full ({self.config.max_queue} requests)")
+            grammar = self._grammar(params.structured)
         except (EngineDead, EngineOverloaded, RequestRejected) as exc:
-            reason = {EngineDead: "engine_dead", EngineOverloaded: "overloaded"}.get(type(exc), "rejected")
-            for listener in self.events.on_refusal:
-                listener(reason)
+            self._refused(exc)
             raise
         group = SequenceGroup.create(request_id, prompt_ids, params, self._stop_ids(params), on_output, priority,
-                                     lambda: IncrementalDetokenizer(self.tokenizer, params))
+                                     lambda: IncrementalDetokenizer(self.tokenizer, params), grammar)
+        if grammar is not None:
+            for listener in self.events.on_constrained:
+                listener(params.structured.kind)
         self._post("add", request_id, group)
+        if grammar is not None and not grammar.done():
+            grammar.add_done_callback(lambda _: self._wakeup.set())  # the loop may be idle, waiting for it
+
+    async def check_structured(self, spec: StructuredOutput) -> None:
+        """From the event loop: compile a constraint (or find it cached) without blocking the loop, and
+        raise RequestRejected naming spec.field if llguidance refuses it (the API's 400)."""
+        compiled = await asyncio.wrap_future(self.grammars.compile(spec))
+        try:
+            compiled.check(spec)
+        except RequestRejected as exc:
+            self._refused(exc)
+            raise
+
+    def _grammar(self, spec: StructuredOutput | None) -> Future[CompiledGrammar] | None:
+        """Start compiling a request's constraint; a refusal already known is raised now."""
+        if spec is None:
+            return None
+        future = self.grammars.compile(spec)
+        if future.done() and not future.cancelled() and future.exception() is None:
+            future.result().check(spec)
+        return future
+
+    def _refused(self, exc: Exception) -> None:
+        reason = {EngineDead: "engine_dead", EngineOverloaded: "overloaded"}.get(type(exc), "rejected")
+        for listener in self.events.on_refusal:
+            listener(reason)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -127,6 +167,7 @@ class Engine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.grammars.shutdown()
 
     def _run(self) -> None:
         try:
@@ -154,6 +195,8 @@ class Engine:
     # --- one step (the thread's, or a caller's driving the engine by hand) ------------------
     def step(self) -> None:
         self._drain_inbox()
+        if not self.core.has_work():  # stepping by hand while only grammars compile: wait, do not spin
+            self.core.wait_for_grammars(timeout=0.05)
         batch = self.core.schedule()
         self._publish()  # admissions and preemptions are visible before this step's outputs reach anyone
         self.core.run(batch)

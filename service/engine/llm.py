@@ -50,6 +50,8 @@ class LLM:
                  ) -> list[GenerationResult]:
         prompts = [prompts] if isinstance(prompts, str) else prompts
         params = params or SamplingParams()
+        if params.structured is not None:  # offline, a refused constraint is an exception before any work
+            self.engine.grammars.compile(params.structured).result().check(params.structured)
         results: dict[str, GenerationResult] = {}
         partial: dict[tuple[str, int], list[RequestOutput]] = {}
         for i, prompt in enumerate(prompts):

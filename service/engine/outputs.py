@@ -5,6 +5,11 @@ hands it here. On a GPU the rest waits (`defer`): the token is detokenized and s
 runs the next step, unless it ends the sequence by a stop token or by length, which are known from the
 ids alone. A stop string found one step late finishes the sequence then; the token its sequence got
 meanwhile is never emitted.
+
+A constrained sequence ends where its grammar does: "stop" once the matcher is complete (the last token
+of a choice, or EOS where the grammar accepts it), "error" if the matcher refused a token. Both are
+known from the ids alone, so neither waits a step; the next step's mask always sees the sampled token,
+which the scheduler appends (and the grammar consumes) before the next step is launched.
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ class OutputProcessor:
 
     def add_token(self, seq: Sequence, token: int, logprob: float | None, top: list | None) -> None:
         """A token just appended to seq: emit it now, or after the next step has been launched."""
-        if self.defer and token not in seq.stop_ids and not self.reached_length(seq):
+        if self.defer and token not in seq.stop_ids and not self.reached_length(seq) \
+                and not grammar_ended(seq):
             self._deferred.append((seq, token, logprob, top))
         else:
             self._emit_token(seq, token, logprob, top)
@@ -71,12 +77,17 @@ class OutputProcessor:
         """Detokenize a sequence's newest token, check its stop strings and length, and send the output."""
         detok = seq.detokenizer
         reason = stop_reason = None
-        if token in seq.stop_ids:  # the sampler never picks one before min_tokens
+        if seq.grammar is not None and seq.grammar.error is not None:
+            self._finish(seq, "error", None, f"structured output: {seq.grammar.error}")
+            return
+        if token in seq.stop_ids:  # the sampler never picks one before min_tokens, unless a grammar must end
             text, reason, stop_reason = "", "stop", token
         else:
             text = detok.add(token)
             if detok.stop_matched is not None:
                 reason, stop_reason = "stop", detok.stop_matched
+            elif grammar_ended(seq):  # before length: the output is complete even on the last token allowed
+                reason = "stop"
             elif self.reached_length(seq):
                 reason = "length"
         out = output(seq, text, [token], None if logprob is None else [logprob], None if top is None else [top])
@@ -107,6 +118,11 @@ class OutputProcessor:
             group.sink = None
             if not out.finished:
                 self.undeliverable.append(group)
+
+
+def grammar_ended(seq: Sequence) -> bool:
+    """A constrained sequence whose grammar is complete or broken: it takes no further token."""
+    return seq.grammar is not None and seq.grammar.has_ended
 
 
 def output(seq: Sequence, text: str, token_ids: list[int], logprobs=None, top_logprobs=None) -> RequestOutput:

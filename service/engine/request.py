@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # InvalidParam lives beside the ranges it reports; callers keep importing it from here.
+from service.engine.structured.spec import StructuredOutput
 from service.engine.validation import InvalidParam, check_sampling_ranges
 
 
@@ -28,6 +29,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token's plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # The output must match this (JSON schema, regex, choice or grammar); it ends where the grammar does.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -37,6 +40,8 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise InvalidParam (a ValueError) naming the first out-of-range field."""
         check_sampling_ranges(self)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidParam("structured", f"must be a StructuredOutput, got {type(self.structured).__name__}")
 
     @property
     def is_greedy(self) -> bool:

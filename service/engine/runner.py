@@ -109,5 +109,5 @@ class Runner:
         return sample_rows, self.sampler.sample(logits, self._sampling_rows(sequences, sample_rows))
 
     def _sampling_rows(self, sequences: list[Sequence], sample_rows: list[int]) -> list[SamplingRow]:
-        return [SamplingRow(seq.params, seq.prompt_ids, seq.output_ids, self._generator(seq), seq.stop_ids)
-                for seq in (sequences[i] for i in sample_rows)]
+        return [SamplingRow(seq.params, seq.prompt_ids, seq.output_ids, self._generator(seq), seq.stop_ids,
+                            seq.grammar) for seq in (sequences[i] for i in sample_rows)]

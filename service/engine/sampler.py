@@ -7,7 +7,10 @@ Stages, in this order, each skipped when no row of the batch uses it:
   3. Presence and frequency penalties (OpenAI): over output ids only,
      ``logit -= presence * (count > 0) + frequency * count``.
   4. While a row has fewer than ``min_tokens`` output tokens its stop ids are set to -inf.
-  5. Greedy rows (temperature 0, or top_k 1) take the argmax. The others divide by the temperature,
+  5. A constrained row's tokens that its grammar does not allow are set to -inf (structured/masking.py).
+     Its min_tokens ban goes into that mask and gives way where the grammar allows only stop ids: a
+     grammar that is complete ends the sequence rather than produce text it does not allow.
+  6. Greedy rows (temperature 0, or top_k 1) take the argmax. The others divide by the temperature,
      then keep the top_k largest, then the nucleus (the smallest set of most likely tokens whose
      probability reaches top_p, never fewer than one), then drop tokens whose probability is below
      ``min_p`` times the largest, and sample from what is left.
@@ -33,6 +36,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from model.network.attention import to_device
 from service.engine.request import SamplingParams
+from service.engine.structured.masking import GrammarState, apply_grammar_masks
 
 # Below this a temperature is treated as greedy: dividing by it would overflow to inf and give NaNs.
 _MIN_TEMPERATURE = 1e-5
@@ -48,6 +52,7 @@ class SamplingRow:
     output_ids: list[int]  # tokens generated so far (for penalties and min_tokens)
     generator: torch.Generator | None  # seeded from params.seed; None: the sampler's shared generator
     stop_ids: list[int]  # ids that end the request; banned while len(output_ids) < params.min_tokens
+    grammar: GrammarState | None = None  # a constrained row's matcher (None: unconstrained, no mask work)
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Sampler:
         _apply_repetition_penalty(logits, rows)
         _apply_output_penalties(logits, rows)
         _ban_early_stop(logits, rows)
+        _apply_grammars(logits, rows)
         return logits
 
     def _pick(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -169,11 +175,18 @@ def _is_greedy(params: SamplingParams) -> bool:
 def _needs_adjusting(row: SamplingRow) -> bool:
     p = row.params
     return (bool(p.logit_bias) or p.repetition_penalty != 1 or p.presence_penalty != 0
-            or p.frequency_penalty != 0 or _is_stop_banned(row))
+            or p.frequency_penalty != 0 or _is_stop_banned(row) or row.grammar is not None)
 
 
 def _is_stop_banned(row: SamplingRow) -> bool:
     return bool(row.stop_ids) and len(row.output_ids) < row.params.min_tokens
+
+
+def _apply_grammars(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+    if constrained:
+        apply_grammar_masks(logits, constrained, [rows[i].grammar for i in constrained],
+                            [rows[i].stop_ids if _is_stop_banned(rows[i]) else [] for i in constrained])
 
 
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
@@ -202,8 +215,8 @@ def _add_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 
 def _ban_early_stop(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-    cells = [(i, token, float("-inf")) for i, row in enumerate(rows) if _is_stop_banned(row)
-             for token in row.stop_ids]
+    cells = [(i, token, float("-inf")) for i, row in enumerate(rows)
+             if _is_stop_banned(row) and row.grammar is None for token in row.stop_ids]
     _put(logits, cells, accumulate=False)
 
 

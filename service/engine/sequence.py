@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING, Any
 from service.engine.request import SamplingParams
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from service.engine.detokenizer import IncrementalDetokenizer
     from service.engine.outputs import RequestOutput
+    from service.engine.structured.compiler import CompiledGrammar
+    from service.engine.structured.masking import GrammarState
 
 OutputSink = Callable[["RequestOutput"], None]
 
@@ -40,6 +44,7 @@ class Sequence:
     index: int = 0  # which of the group's n samples this is
     detokenizer: IncrementalDetokenizer | None = None
     generator: Any = None  # the seeded torch.Generator, made by the runner on first use
+    grammar: GrammarState | None = None  # a constrained sample's matcher, set when its grammar is compiled
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -97,7 +102,11 @@ class Sequence:
         return self.index > 0 and self.group is not None and not self.group.sequences[0].prompt_done
 
     def append_token(self, token: int, now: float) -> None:
+        """The one place an output token is added: the grammar consumes it here too, so the matcher's
+        state always matches output_ids (a preempted sequence keeps both and recomputes only K/V)."""
         self.output_ids.append(token)
+        if self.grammar is not None:
+            self.grammar.consume(token)
         self.token_times.append(now)
         if self.first_token_time is None:
             self.first_token_time = now
@@ -113,12 +122,16 @@ class SequenceGroup:
     request_id: str
     sequences: list[Sequence]
     sink: OutputSink | None = None
+    # A constrained request's grammar on its way from the compile workers; the core admits the
+    # request's samples once it is done (each gets its own matcher).
+    grammar: Future[CompiledGrammar] | None = None
 
     @classmethod
     def create(cls, request_id: str, prompt_ids: list[int], params: SamplingParams, stop_ids: list[int],
                sink: OutputSink | None = None, priority: int = 0,
-               detokenizer: Callable[[], IncrementalDetokenizer] | None = None) -> SequenceGroup:
-        group = cls(request_id, [], sink)
+               detokenizer: Callable[[], IncrementalDetokenizer] | None = None,
+               grammar: Future[CompiledGrammar] | None = None) -> SequenceGroup:
+        group = cls(request_id, [], sink, grammar)
         group.sequences = [Sequence(list(prompt_ids), params, (request_id, i), list(stop_ids), priority=priority,
                                     group=group, index=i, detokenizer=detokenizer() if detokenizer else None)
                            for i in range(params.n)]

@@ -38,7 +38,8 @@ class EngineInfo:
 class EngineSnapshot:
     """The engine's state after its latest step."""
     num_running: int = 0
-    num_waiting: int = 0  # sequences in the scheduler's queue (not counting the engine's inbox)
+    num_waiting: int = 0  # sequences in the scheduler's queue or awaiting a grammar (not the engine's inbox)
+    num_awaiting_grammar: int = 0  # of those, sequences whose grammar is still compiling
     num_unfinished: int = 0  # live sequences, running or waiting
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
@@ -70,7 +71,12 @@ class StepStats:
 @dataclass
 class EngineEvents:
     """Listeners, called on the thread where the event happens: steps and finished sequences on the
-    engine's thread, refusals on the caller's."""
+    engine's thread, refusals and accepted constrained requests on the caller's, compiles on a worker's."""
     on_step: list[Callable[[StepStats], None]] = field(default_factory=list)
     on_finish: list[Callable[[Sequence], None]] = field(default_factory=list)
     on_refusal: list[Callable[[str], None]] = field(default_factory=list)  # called with a reason
+    # A constrained request accepted, with its kind (json, regex, choice, grammar); on the caller's thread.
+    on_constrained: list[Callable[[str], None]] = field(default_factory=list)
+    # A grammar compiled (cache hits are not compiles): kind, seconds, llguidance's error or None; on a
+    # compile worker's thread.
+    on_grammar_compiled: list[Callable[[str, float, str | None], None]] = field(default_factory=list)
