@@ -4,6 +4,7 @@ from __future__ import annotations
 from model.tokenizer import ChatTemplateError, TextTokenizer
 from service.api.errors import APIError
 from service.api.schemas_openai import ChatMessage
+from service.api.tools import ToolUse, template_inputs
 
 
 def prompt_ids(prompt, tokenizer: TextTokenizer) -> list[list[int]]:
@@ -19,10 +20,12 @@ def prompt_ids(prompt, tokenizer: TextTokenizer) -> list[list[int]]:
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 
 
-def chat_text(messages: list[ChatMessage], tokenizer: TextTokenizer, add_generation_prompt: bool) -> str:
-    """The messages through the model's chat template; one the template refuses is a 400 on "messages"."""
+def chat_text(messages: list[ChatMessage], tokenizer: TextTokenizer, add_generation_prompt: bool,
+              use: ToolUse | None = None) -> str:
+    """The messages (and the tools they may call) through the model's chat template; one the template
+    refuses is a 400 on "messages"."""
+    rendered, extra = template_inputs(messages, use, tokenizer)
     try:
-        return tokenizer.render_chat([{"role": m.role, "content": m.text()} for m in messages],
-                                     add_generation_prompt=add_generation_prompt)
+        return tokenizer.render_chat(rendered, add_generation_prompt=add_generation_prompt, **extra)
     except ChatTemplateError as exc:
         raise APIError(400, str(exc), "messages", "invalid_value") from exc

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Request
 
 from model.tokenizer import TextTokenizer
 from service import VERSION
+from service.api.constraints import check_constraint, from_tgi_grammar
 from service.api.errors import APIError
 from service.api.generation import Choice, Generation, checked_params
 from service.api.schemas_tgi import GenerateRequest
@@ -44,11 +45,18 @@ def _details(body: GenerateRequest, choice: Choice, prompt: list[int], tokenizer
     return details
 
 
+async def _start(body: GenerateRequest, state, engine) -> tuple[list[int], Generation]:
+    """The request's prompt ids and its generation, once its grammar (if any) has compiled."""
+    prompt = _prompt(body, engine.tokenizer)
+    constraint = from_tgi_grammar(body.parameters.grammar)
+    await check_constraint(engine, constraint)
+    params = checked_params(lambda: body.parameters.sampling_params(constraint))
+    return prompt, Generation(engine, [prompt], params, state.settings.request_timeout)
+
+
 @router.post("/generate", summary="Generate text (text-generation-inference API)")
 async def generate(body: GenerateRequest, request: Request, state: StateDep, engine: EngineDep):
-    prompt = _prompt(body, engine.tokenizer)
-    gen = Generation(engine, [prompt], checked_params(body.parameters.sampling_params),
-                     state.settings.request_timeout)
+    prompt, gen = await _start(body, state, engine)
     choice = (await gen.collect(request))[0]
     text = (body.inputs if body.parameters.return_full_text else "") + choice.text
     response = {"generated_text": text}
@@ -59,9 +67,7 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep, eng
 
 @router.post("/generate_stream", summary="Generate text as server-sent token events")
 async def generate_stream(body: GenerateRequest, state: StateDep, engine: EngineDep):
-    prompt = _prompt(body, engine.tokenizer)
-    gen = Generation(engine, [prompt], checked_params(body.parameters.sampling_params),
-                     state.settings.request_timeout)
+    _, gen = await _start(body, state, engine)
     return sse_response(_token_events(gen, body, engine.tokenizer))
 
 

@@ -5,6 +5,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from service.api.limits import MAX_REPETITION_PENALTY, check_stop_strings, engine_range
 from service.engine import SamplingParams
+from service.engine.structured import StructuredOutput
 
 
 class GenerateParameters(BaseModel):
@@ -15,7 +16,7 @@ class GenerateParameters(BaseModel):
     details: bool = False  # as in text-generation-inference: /generate adds them only when asked
     do_sample: bool = False
     frequency_penalty: float | None = Field(None, **engine_range("frequency_penalty"))
-    grammar: dict | None = None
+    grammar: dict | None = None  # {"type": "json" | "regex", "value": ...}: service/api/constraints.py
     max_new_tokens: int | None = Field(100, **engine_range("max_tokens"))
     repetition_penalty: float | None = Field(
         None, **engine_range("repetition_penalty", le=MAX_REPETITION_PENALTY))
@@ -41,20 +42,20 @@ class GenerateParameters(BaseModel):
     @model_validator(mode="after")
     def _unsupported(self):
         # Refuse what kvserve does not do rather than silently ignore it.
-        for name, is_set in (("best_of", (self.best_of or 1) > 1), ("grammar", self.grammar is not None),
-                             ("typical_p", self.typical_p is not None), ("watermark", self.watermark)):
+        for name, is_set in (("best_of", (self.best_of or 1) > 1), ("typical_p", self.typical_p is not None),
+                             ("watermark", self.watermark)):
             if is_set:
                 raise ValueError(f"{name} is not supported by kvserve")
         return self
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, structured: StructuredOutput | None = None) -> SamplingParams:
         # As in TGI: greedy unless sampling is asked for, explicitly or by a sampling knob.
         sample = self.do_sample or any(v is not None for v in (self.temperature, self.top_k, self.top_p))
         return SamplingParams(
             temperature=(self.temperature or 1.0) if sample else 0.0, top_k=self.top_k or 0,
             top_p=self.top_p or 1.0, repetition_penalty=self.repetition_penalty or 1.0,
             frequency_penalty=self.frequency_penalty or 0.0, seed=self.seed, max_tokens=self.max_new_tokens,
-            stop=list(self.stop), logprobs=self.top_n_tokens or 0)
+            stop=list(self.stop), logprobs=self.top_n_tokens or 0, structured=structured)
 
 
 class GenerateRequest(BaseModel):

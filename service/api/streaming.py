@@ -11,7 +11,9 @@ from service.api.sse import sse_event
 
 @dataclass
 class ChunkFormat:
-    render: Callable[[Choice], dict]  # one piece of a choice (its text, tokens, logprobs) -> the chunk's choice
+    # One piece of a choice (its text, tokens, logprobs) -> the choices of the chunks it makes (most often
+    # one; none while tool-call text is held back; more where a tool call starts).
+    render: Callable[[Choice], list[dict]]
     wants_logprobs: bool  # then every piece is sent, even one whose text is held back
     include_usage: bool
     opening: list[dict] = field(default_factory=list)  # choices sent, a chunk each, before any output
@@ -37,7 +39,8 @@ async def openai_stream(gen: Generation, head: dict, chunks: ChunkFormat) -> Asy
             continue  # text held back (incomplete character or possible stop string)
         piece = Choice(index, text, out.new_token_ids, out.logprobs or [], out.top_logprobs or [],
                        out.finish_reason)
-        yield sse_event(dict(head, choices=[chunks.render(piece)]))
+        for rendered in chunks.render(piece):
+            yield sse_event(dict(head, choices=[rendered]))
     if chunks.include_usage:
         yield sse_event(dict(head, choices=[], usage=gen.usage()))
     yield sse_event("[DONE]")
