@@ -79,6 +79,19 @@ class Metrics:
             self.structured.labels(kind)
             self.grammar_compile.labels(kind)
             self.grammar_failures.labels(kind)
+        # Speculative decoding, with vLLM's meanings: drafts proposed and accepted, accepted per drafting step,
+        # and per draft position (accepted / proposed at position i is that position's acceptance rate).
+        self.draft_tokens = Counter("kvserve_spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                                    registry=registry)
+        self.accepted_tokens = Counter("kvserve_spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                                       registry=registry)
+        self.accepted_length = hist("kvserve_spec_decode_accepted_length",
+                                    "Draft tokens accepted in one drafting step of one sequence.", tuple(range(17)))
+        self.draft_positions = Counter("kvserve_spec_decode_num_draft_tokens_per_pos", "Draft tokens proposed, "
+                                       "by position in the step's drafts.", ["position"], registry=registry)
+        self.accepted_positions = Counter("kvserve_spec_decode_num_accepted_tokens_per_pos", "Draft tokens "
+                                          "accepted, by position in the step's drafts.", ["position"],
+                                          registry=registry)
         self.http_requests = Counter("kvserve_http_requests", "HTTP requests by route and status.",
                                      ["method", "route", "status"], registry=registry)
         self.info = Info("kvserve_model", "The served model and engine settings.", registry=registry)
@@ -100,6 +113,14 @@ class Metrics:
     def observe_step(self, stats: StepStats) -> None:
         self.iteration_tokens.observe(stats.num_tokens)
         self.step_duration.observe(stats.duration)
+        for proposed, kept in stats.drafts:
+            self.draft_tokens.inc(proposed)
+            self.accepted_tokens.inc(kept)
+            self.accepted_length.observe(kept)
+            for position in range(proposed):
+                self.draft_positions.labels(str(position)).inc()
+                if position < kept:
+                    self.accepted_positions.labels(str(position)).inc()
 
     def observe_finished(self, seq: Sequence) -> None:
         if seq.finish_reason == "error":

@@ -41,6 +41,7 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    speculative_ngram: int | None = Field(None, **engine_range("speculative_ngram"))  # drafts a step; 0: none
     # Constrained output (service/api/constraints.py): OpenAI's field and vLLM's, one per request.
     response_format: dict | None = None
     structured_outputs: dict | None = None
@@ -76,7 +77,8 @@ class SamplingFields(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, structured=structured)
+            include_stop_str_in_output=self.include_stop_str_in_output, structured=structured,
+            speculative_ngram=self.speculative_ngram)
 
     @property
     def include_usage(self) -> bool:

@@ -159,6 +159,15 @@ class BlockManager:
                 else:
                     self.free_blocks.append(block)
 
+    def trim(self, seq_id: str, num_tokens: int) -> None:
+        """Give back the blocks a table holds beyond num_tokens tokens: slots of rejected draft tokens.
+        Those blocks hold no committed (hashed) token, so they go straight back to the free list."""
+        table = self.tables[seq_id]
+        while len(table) > self.blocks_needed(num_tokens):
+            block = table.pop()
+            self.ref_counts[block] -= 1
+            self.free_blocks.append(block)
+
     def reset_prefix_cache(self) -> None:
         for block in list(self.cached_blocks):
             del self.hash_to_block[self.block_hash[block]]

@@ -41,3 +41,8 @@ class EngineConfig:
     # CPU the next step is the CPU's own work, so deferring would only delay every token by a step).
     defer_outputs: bool | None = None
     seed: int = setting(0, "seed of the sampler for requests without their own seed")
+    speculative_ngram: int = setting(0, "speculative decoding: up to this many draft tokens a step, looked up "
+                                     "in the sequence's own prompt and output (0: off; a request's "
+                                     "speculative_ngram overrides it)", ge=0, le=16)
+    # 1 from bench/results/speculative.md: on 2 CPU cores drafting already costs 9% at 2 running sequences.
+    speculative_max_batch: int = setting(1, "draft only while at most this many sequences run", ge=1)

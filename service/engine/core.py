@@ -22,6 +22,7 @@ from service.engine.outputs import OutputProcessor, RequestOutput
 from service.engine.runner import Runner, plan_cache
 from service.engine.scheduler import ScheduledBatch, Scheduler
 from service.engine.sequence import Sequence, SequenceGroup
+from service.engine.speculative import SpeculativeConfig
 from service.engine.status import EngineEvents, EngineInfo, EngineSnapshot, StepStats
 
 if TYPE_CHECKING:
@@ -37,7 +38,9 @@ class EngineCore:
         self.runner = Runner(loaded, cache, seed=config.seed, cuda_graphs=config.cuda_graphs,
                              max_batch=config.max_num_seqs, max_model_len=self.max_model_len)
         self.blocks = BlockManager(cache.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   SpeculativeConfig(config.speculative_ngram, max_batch=config.speculative_max_batch,
+                                                     max_len=self.max_model_len))
         defer = loaded.device.type == "cuda" if config.defer_outputs is None else config.defer_outputs
         self.outputs = OutputProcessor(self.max_model_len, defer, self.finish)
         self.groups: dict[str, SequenceGroup] = {}  # live requests by id
@@ -164,10 +167,17 @@ class EngineCore:
                 if not seq.is_finished:
                     self.finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
             return
-        for seq, k in self.scheduler.update(batch, rows, result.token_ids if result else []):
-            logprob = result.logprobs[k] if result.logprobs is not None else None
-            top = result.top_logprobs[k] if result.top_logprobs is not None else None
-            self.outputs.add_token(seq, seq.output_ids[-1], logprob, top)
+        now = time.monotonic()
+        for seq, tokens in self.scheduler.update(batch, rows, result.token_ids if result else []):
+            for token, k in tokens:
+                if seq.is_finished:  # a stop or the length reached inside this step's accepted drafts
+                    break
+                if seq.num_tokens == seq.num_computed_tokens:  # before the one token not yet computed
+                    self.scheduler.commit_blocks(seq)
+                seq.append_token(token, now)
+                logprob = result.logprobs[k] if result.logprobs is not None else None
+                top = result.top_logprobs[k] if result.top_logprobs is not None else None
+                self.outputs.add_token(seq, token, logprob, top)
         self._report(batch, time.perf_counter() - start)
 
     def snapshot(self, dead_reason: str | None = None) -> EngineSnapshot:
@@ -183,9 +193,11 @@ class EngineCore:
     def _report(self, batch: ScheduledBatch, duration: float) -> None:
         if not self.events.on_step:
             return
-        decode = sum(1 for n in batch.num_new_tokens if n == 1)
+        # A drafted sequence's step is a decode step too: its last token and its drafts.
+        decode = sum(1 for n in batch.num_new_tokens if n == 1) + sum(1 + p for p, _ in batch.drafts)
         stats = StepStats(batch.total_tokens, batch.total_tokens - decode, decode, len(batch.sequences),
-                          duration, self.scheduler.num_running, self.scheduler.num_waiting, batch.num_preempted)
+                          duration, self.scheduler.num_running, self.scheduler.num_waiting, batch.num_preempted,
+                          batch.drafts)
         for listener in self.events.on_step:
             listener(stats)
 

@@ -31,6 +31,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # The output must match this (JSON schema, regex, choice or grammar); it ends where the grammar does.
     structured: StructuredOutput | None = None
+    # Draft tokens per step by n-gram lookup (speculative.py): None, the engine's setting; 0, none.
+    speculative_ngram: int | None = None
 
     def __post_init__(self) -> None:
         if self.top_k == -1:

@@ -12,6 +12,7 @@ from model.network.attention import AttentionMetadata, allocate_kv_cache, kv_cac
 from model.loading import LoadedModel
 from service.engine.cuda_graphs import DecodeGraphs
 from service.engine.sequence import Sequence
+from service.engine.speculative import position_seed
 from service.engine.sampler import PendingSample, Sampler, SamplingRow
 
 log = logging.getLogger("kvserve.runner")
@@ -75,39 +76,53 @@ class Runner:
                  cache.block_size, cache.num_tokens, cache.num_bytes / 2**20, loaded.dtype, self.device,
                  "CUDA graphs" if self.graphs else "eager")
 
-    def _generator(self, seq: Sequence) -> torch.Generator | None:
-        """A seeded sequence's own generator (sample i of n seeded with seed + i), kept on the sequence."""
-        if seq.params.seed is not None and seq.generator is None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
-        return seq.generator
+    def _generator(self, seq: Sequence, position: int) -> torch.Generator | None:
+        """A seeded sequence's generator for one output position, keyed on (seed, sample index, position):
+        the same draw whether the position is sampled alone or as one of a step's draft positions."""
+        if seq.params.seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(position_seed(seq.params.seed, seq.index, position))
 
     @torch.inference_mode()
     def execute(self, sequences: list[Sequence], num_new_tokens: list[int],
-                block_tables: list[list[int]]) -> tuple[list[int], PendingSample | None]:
-        """Run one step. Returns the indices of the sequences whose step reached their last token,
-        and the tokens sampled for them, in that order (on a GPU still on their way: resolve() them)."""
-        token_ids, context_lens, sample_rows = [], [], []
+                block_tables: list[list[int]]) -> tuple[list[tuple[int, int]], PendingSample | None]:
+        """Run one step. Returns (row, number of samples) for the sequences whose step reached their last
+        token, one sample per position for a row with drafts, and the samples in that order (on a GPU
+        still on their way: resolve() them)."""
+        token_ids, context_lens, spans = [], [], []
         for i, (seq, n) in enumerate(zip(sequences, num_new_tokens)):
             start = seq.num_computed_tokens
             token_ids.extend(seq.token_slice(start, start + n))
             context_lens.append(start + n)
-            if start + n == seq.num_tokens:
-                sample_rows.append(i)
-        if self.graphs is not None and len(sample_rows) == len(sequences) == len(token_ids) \
+            if start + n == seq.num_tokens + len(seq.draft_ids):
+                spans.append((i, 1 + len(seq.draft_ids)))
+        rows = self._sampling_rows(sequences, spans)
+        if self.graphs is not None and len(spans) == len(sequences) == len(token_ids) \
                 and self.graphs.fits(len(sequences)):
             logits = self.graphs.run(token_ids, context_lens, block_tables)
-            return sample_rows, self.sampler.sample(logits, self._sampling_rows(sequences, sample_rows))
+            return spans, self.sampler.sample(logits, rows)
         meta = AttentionMetadata.build(num_new_tokens, context_lens, block_tables, self.cache.block_size,
                                        self.config.sliding_window, self.device)
-        if not sample_rows:
+        if not spans:
             # A step of prefill chunks only: fill the cache, skip the output head.
             self.model(to_device(token_ids, self.device), meta, self.kv_caches,
                        logits_index=meta.logits_index[:0], kernels=self.kernels)
             return [], None
-        logits = self.model(to_device(token_ids, self.device), meta, self.kv_caches,
-                            logits_index=meta.logits_index[sample_rows], kernels=self.kernels)
-        return sample_rows, self.sampler.sample(logits, self._sampling_rows(sequences, sample_rows))
+        # A row's last token's logits; a drafted row's also for the positions of its drafts, before it.
+        last = meta.logits_index.tolist() if any(count > 1 for _, count in spans) else None
+        index = meta.logits_index[[i for i, _ in spans]] if last is None else \
+            to_device([last[i] - count + 1 + j for i, count in spans for j in range(count)], self.device)
+        logits = self.model(to_device(token_ids, self.device), meta, self.kv_caches, logits_index=index,
+                            kernels=self.kernels)
+        return spans, self.sampler.sample(logits, rows)
 
-    def _sampling_rows(self, sequences: list[Sequence], sample_rows: list[int]) -> list[SamplingRow]:
-        return [SamplingRow(seq.params, seq.prompt_ids, seq.output_ids, self._generator(seq), seq.stop_ids,
-                            seq.grammar) for seq in (sequences[i] for i in sample_rows)]
+    def _sampling_rows(self, sequences: list[Sequence], spans: list[tuple[int, int]]) -> list[SamplingRow]:
+        """One row per sample: a draft position's as if the drafts before it were accepted."""
+        rows = []
+        for i, count in spans:
+            seq = sequences[i]
+            for j in range(count):
+                history = seq.output_ids + seq.draft_ids[:j] if j else seq.output_ids
+                rows.append(SamplingRow(seq.params, seq.prompt_ids, history,
+                                        self._generator(seq, len(seq.output_ids) + j), seq.stop_ids, seq.grammar))
+        return rows

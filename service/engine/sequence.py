@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from service.engine.request import SamplingParams
+from service.engine.speculative import DraftState
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -43,9 +44,10 @@ class Sequence:
     group: SequenceGroup | None = None  # the request it belongs to (None: a bare sequence, e.g. in tests)
     index: int = 0  # which of the group's n samples this is
     detokenizer: IncrementalDetokenizer | None = None
-    generator: Any = None  # the seeded torch.Generator, made by the runner on first use
     grammar: GrammarState | None = None  # a constrained sample's matcher, set when its grammar is compiled
     output_ids: list[int] = field(default_factory=list)
+    draft_ids: list[int] = field(default_factory=list)  # this step's draft tokens, after output_ids
+    drafting: DraftState = field(default_factory=DraftState)
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache on admission
@@ -67,13 +69,14 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        """all_ids[start:end] without building all_ids (a decode step reads one output token)."""
+        """(all_ids + draft_ids)[start:end] without building all_ids (a decode step reads one output token)."""
+        outputs = self.output_ids + self.draft_ids if self.draft_ids else self.output_ids
         prompt_len = len(self.prompt_ids)
         if start >= prompt_len:
-            return self.output_ids[start - prompt_len:end - prompt_len]
+            return outputs[start - prompt_len:end - prompt_len]
         if end <= prompt_len:
             return self.prompt_ids[start:end]
-        return self.all_ids[start:end]
+        return (self.prompt_ids + outputs)[start:end]
 
     @property
     def num_tokens(self) -> int:

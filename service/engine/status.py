@@ -66,6 +66,7 @@ class StepStats:
     num_running: int
     num_waiting: int
     num_preempted: int
+    drafts: list[tuple[int, int]] = field(default_factory=list)  # (proposed, kept) per drafted sequence
 
 
 @dataclass

@@ -28,6 +28,7 @@ SAMPLING_RANGES: dict[str, dict[str, float]] = {
     "max_tokens": {"ge": 1},
     "min_tokens": {"ge": 0},
     "logprobs": {"ge": 0, "le": 20},
+    "speculative_ngram": {"ge": 0, "le": 16},
 }
 _HOLDS = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
 _SYMBOLS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}

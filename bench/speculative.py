@@ -1,0 +1,123 @@
+"""N-gram speculative decoding over HTTP, drafts on against drafts off in the same run and server.
+
+Workloads (chat-templated prompts, greedy, up to --max-tokens output tokens, EOS honoured):
+  grounded    a ~500-token text from this repository's README, and a task that answers from it
+              (repeat it with typos fixed, summarize, list its commands, rewrite it plainly)
+  open-ended  a short instruction with nothing to copy (a story, an explanation)
+Each request is sent twice, with `speculative_ngram: 0` (off) and without it (the server's drafts),
+alternating which goes first. tok/s of a request = output tokens / (last token - first token), the
+decode rate; TTFT is the same either way (drafting starts after prefill). Medians over requests.
+
+Two servers, the CPU defaults (int4 + bf16) plus:
+  1. `--speculative-ngram K` with the default --speculative-max-batch: single stream and 16 clients
+     (aggregate output tok/s = all output tokens / wall time) on both workloads.
+  2. `--speculative-ngram K --speculative-max-batch 64`: drafts at every batch size, grounded, at
+     concurrency 1, 2, 4, 8, 16 -- where drafting stops paying, which sets the default max batch.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/speculative.py --out bench/results/speculative.md
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from clients.bench.prompts import Prompt  # noqa: E402
+from clients.bench.runner import LoadSpec, run_load  # noqa: E402
+from clients.client import AsyncClient  # noqa: E402
+from tests.server_process import ServerProcess  # noqa: E402
+
+TASKS = ["Repeat the text above exactly, fixing any typos.", "Summarize the text above in five sentences.",
+         "List every command or flag named in the text above, one per line.",
+         "Rewrite the text above in plain words for a new user."]
+OPEN = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle works.",
+        "Describe a day at the beach.", "Write a letter to a friend about your new job."]
+OFF = {"speculative_ngram": 0}
+
+
+def chat(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def grounded_prompts(count: int, max_tokens: int) -> list[Prompt]:
+    readme = (REPO / "README.md").read_text()
+    texts = [readme[2000 + 2100 * i: 2000 + 2100 * (i + 1)] for i in range(8)]  # ~500 tokens each
+    # "Request i" first: no two prompts share a cached prefix, though texts and tasks repeat past 8.
+    return [Prompt(chat(f"Request {i}.\n{texts[i % 8]}\n\n{TASKS[i % len(TASKS)]}"), 0, max_tokens)
+            for i in range(count)]
+
+
+def open_prompts(count: int, max_tokens: int) -> list[Prompt]:
+    return [Prompt(chat(OPEN[i % len(OPEN)] + f" (version {i})"), 0, max_tokens) for i in range(count)]
+
+
+def decode_rate(record) -> float:
+    return (record.output_tokens - 1) / (record.token_times[-1] - record.token_times[0])
+
+
+async def measure(url: str, prompts: list[Prompt], concurrency: int) -> dict:
+    """Drafts off and on, alternating order by prompt; per-request decode rates and aggregate tok/s."""
+    results = {"off": {"rates": [], "tokens": 0, "seconds": 0.0}, "on": {"rates": [], "tokens": 0, "seconds": 0.0}}
+    async with AsyncClient(url, timeout=600) as client:
+        batches = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)]
+        for number, batch in enumerate(batches):
+            for side in (("off", "on") if number % 2 == 0 else ("on", "off")):
+                spec = LoadSpec(concurrency=concurrency, extra_body=OFF if side == "off" else {})
+                records, wall = await run_load(client, batch, spec)
+                failed = [r.error for r in records if not r.ok]
+                assert not failed, failed
+                results[side]["rates"] += [decode_rate(r) for r in records if r.output_tokens > 1]
+                results[side]["tokens"] += sum(r.output_tokens for r in records)
+                results[side]["seconds"] += wall
+    return {side: {"median_tok_s": statistics.median(r["rates"]), "aggregate_tok_s": r["tokens"] / r["seconds"]}
+            for side, r in results.items()}
+
+
+def row(label: str, measured: dict, key: str) -> str:
+    off, on = measured["off"][key], measured["on"][key]
+    return f"| {label} | {off:.1f} | {on:.1f} | {on / off:.2f}x |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, default=4, help="--speculative-ngram of the servers")
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--single", type=int, default=8, help="prompts per workload, single stream")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    lines = [f"# Speculative decoding with n-gram drafts ({datetime.date.today()})", "",
+             f"`OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/speculative.py {' '.join(sys.argv[1:])}`", "",
+             f"Machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start. Server: CPU "
+             f"defaults (int4 + bf16), `--speculative-ngram {args.k}`; greedy, up to {args.max_tokens} output "
+             "tokens, EOS honoured; each request with drafts off and on, alternating. Per-request tok/s is the "
+             "decode rate (first to last token); 16 clients: all output tokens / wall time.", ""]
+    with ServerProcess("--speculative-ngram", str(args.k), startup_timeout=300) as server:
+        single = {name: asyncio.run(measure(server.url, build(args.single, args.max_tokens), 1))
+                  for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
+        many = {name: asyncio.run(measure(server.url, build(32, args.max_tokens), 16))
+                for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
+    lines += ["| workload | drafts off tok/s | drafts on tok/s | on / off |", "|---|---|---|---|"]
+    lines += [row(f"{name}, 1 client (median per request)", single[name], "median_tok_s") for name in single]
+    lines += [row(f"{name}, 16 clients (aggregate)", many[name], "aggregate_tok_s") for name in many]
+    with ServerProcess("--speculative-ngram", str(args.k), "--speculative-max-batch", "64",
+                       startup_timeout=300) as server:
+        sweep = {c: asyncio.run(measure(server.url, grounded_prompts(max(4, 2 * c), args.max_tokens), c))
+                 for c in (1, 2, 4, 8, 16)}
+    lines += ["", "Drafts at every batch size (`--speculative-max-batch 64`), grounded workload, aggregate tok/s:", "",
+              "| concurrency | drafts off | drafts on | on / off |", "|---|---|---|---|"]
+    lines += [row(str(c), measured, "aggregate_tok_s") for c, measured in sweep.items()]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+
+
+if __name__ == "__main__":
+    main()
