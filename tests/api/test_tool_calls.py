@@ -23,8 +23,9 @@ TOOLS = [
     function("get_weather", "The current weather in a city.",
              {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["celsius", "fahrenheit"]}},
              ["city", "unit"]),
-    function("get_time", "The time in a timezone.", {"timezone": {"type": "string", "pattern": "^[A-Z][a-z]+/[A-Z][a-z]+$"}},
-             ["timezone"]),
+    # Bounded, as every string here: sampled, a small model can spell an unbounded one until max_tokens.
+    function("get_time", "The time in a timezone.",
+             {"timezone": {"type": "string", "pattern": "^[A-Z][a-z]{1,14}/[A-Z][a-z_]{1,14}$"}}, ["timezone"]),
     function("add", "Add two integers.", {"a": {"type": "integer", "minimum": -999, "maximum": 999},
                                           "b": {"type": "integer", "minimum": -999, "maximum": 999}}, ["a", "b"]),
 ]

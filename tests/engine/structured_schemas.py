@@ -7,13 +7,16 @@ import json
 from typing import Literal
 
 import jsonschema
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 NAME = {"type": "string", "minLength": 1, "maxLength": 24}
 
 
 class Pet(BaseModel):
-    """A pydantic model, the way `client.chat.completions.parse(response_format=Pet)` sends it."""
+    """A pydantic model, the way `client.chat.completions.parse(response_format=Pet)` sends it (forbidding
+    extra fields, as parse's strict schema does: else a sampled answer may add fields until max_tokens)."""
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(max_length=20)
     species: Literal["cat", "dog", "bird"]
     age_years: int = Field(ge=0, le=30)
