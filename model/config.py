@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+from model.network.rope import RopeScaling
+
 Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post"]
@@ -28,7 +30,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_position: int = 2048
     sliding_window: int | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # q, k and v biases (and o's, unless attention_out_bias says otherwise)
+    attention_out_bias: bool | None = None  # None: as attention_bias (Qwen2 has q/k/v biases but no o bias)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    rope_scaling: RopeScaling | None = None  # linear, llama3 or yarn (model/network/rope.py)
     mlp_bias: bool = False
     tie_embeddings: bool = True
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(hidden_size), as the 2017 paper does
@@ -38,6 +43,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.attention_out_bias is None:
+            object.__setattr__(self, "attention_out_bias", self.attention_bias)
         self.validate()
 
     def validate(self) -> None:
@@ -75,7 +82,11 @@ class ModelConfig:
         norm = d * (2 if self.norm == "layernorm" else 1)
         per_layer = d * (q + 2 * kv) + q * d + n_in * d * f + f * d + 2 * norm
         if self.attention_bias:
-            per_layer += q + 2 * kv + d
+            per_layer += q + 2 * kv
+        if self.attention_out_bias:
+            per_layer += d
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
         if self.mlp_bias:
             per_layer += n_in * f + d
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)

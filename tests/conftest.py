@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from model.loading import LoadedModel, load_model
+from model.loading import LoadedModel, load_model, smollm2_path
+from model.loading.gguf_file import open_gguf
+from model.tokenizer import TextTokenizer, tokenizer_from_gguf
 from tests.server_process import ServerProcess
 
 
@@ -12,6 +14,13 @@ def smollm2() -> LoadedModel:
     """The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF) in float32, loaded once for every test
     folder: it takes ~12 s."""
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer() -> TextTokenizer:
+    """The real SmolLM2 tokenizer alone (no weights), read from the GGUF file's metadata."""
+    path = smollm2_path()
+    return tokenizer_from_gguf(open_gguf(path), path)
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,9 @@ import torch
 
 from model.config import ModelConfig
 from model.loading.weights import LoadError
+from model.network.rope import rope_scaling_from_hf
 
-LLAMA_TYPES = {"llama", "mistral", "qwen2"}
+LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 # Buffers some checkpoints carry that are recomputed, never loaded.
 # Anchored at a dot: GPT-2's real QKV bias "attn.c_attn.bias" also ends in "attn.bias".
 _IGNORED = re.compile(r"(?:^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
@@ -18,7 +19,7 @@ _IGNORED = re.compile(r"(?:^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bi
 _LLAMA_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                 "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
                 "self_attn.o_proj": "attn.o", "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up",
-                "mlp.down_proj": "ffn.down"}
+                "mlp.down_proj": "ffn.down", "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
 _GPT2_LAYER = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn.qkv",
                "attn.c_proj": "attn.o", "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down"}
 _GLOBALS = {"model.embed_tokens": "embed_tokens", "model.norm": "final_norm", "lm_head": "lm_head",
@@ -43,6 +44,8 @@ def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
                 mlp_bias=True, tie_embeddings=raw.get("tie_word_embeddings", True), name=folder.name, architecture=kind), raw
         if kind in LLAMA_TYPES:
             heads = raw["num_attention_heads"]
+            # Qwen2 has biases on q, k and v but not on o; the others' attention_bias covers all four.
+            qkv_bias = raw.get("attention_bias", kind == "qwen2")
             return ModelConfig(
                 vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
                 num_layers=raw["num_hidden_layers"], num_heads=heads,
@@ -50,11 +53,15 @@ def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
                 ffn_hidden_size=raw["intermediate_size"], norm_eps=raw.get("rms_norm_eps", 1e-6),
                 rope_theta=raw.get("rope_theta", 10000.0), max_position=raw["max_position_embeddings"],
                 sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
-                attention_bias=raw.get("attention_bias", kind == "qwen2"),
+                attention_bias=qkv_bias, attention_out_bias=qkv_bias and kind != "qwen2",
+                qk_norm=kind == "qwen3", rope_scaling=rope_scaling_from_hf(raw.get("rope_scaling"),
+                                                                          raw["max_position_embeddings"]),
                 mlp_bias=raw.get("mlp_bias", False),
                 tie_embeddings=raw.get("tie_word_embeddings", False), name=folder.name, architecture=kind), raw
     except KeyError as exc:
         raise LoadError(f"{path}: missing field {exc.args[0]!r}") from exc
+    except ValueError as exc:  # a setting kvserve does not support, e.g. a RoPE scaling
+        raise LoadError(f"{path}: {exc}") from exc
     raise LoadError(f"{path}: unsupported model_type {kind!r} (supported: gpt2, {', '.join(sorted(LLAMA_TYPES))})")
 
 

@@ -39,7 +39,9 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         linear(f"{p}.attn.q", q, d, config.attention_bias)
         linear(f"{p}.attn.k", kv, d, config.attention_bias)
         linear(f"{p}.attn.v", kv, d, config.attention_bias)
-        linear(f"{p}.attn.o", d, q, config.attention_bias)
+        linear(f"{p}.attn.o", d, q, config.attention_out_bias)
+        if config.qk_norm:
+            shapes[f"{p}.attn.q_norm.weight"] = shapes[f"{p}.attn.k_norm.weight"] = (hd,)
         norm(f"{p}.ffn_norm")
         if config.activation == "swiglu":
             linear(f"{p}.ffn.gate", f, d, config.mlp_bias)
@@ -72,7 +74,7 @@ def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source:
 def fuse(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Canonical tensors -> the Transformer's state_dict (fused QKV and gate/up, module paths)."""
     renames = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn.o": "attn.o_proj",
-               "ffn.down": "ffn.down_proj"}
+               "ffn.down": "ffn.down_proj", "attn.q_norm": "attn.q_norm", "attn.k_norm": "attn.k_norm"}
     state: dict[str, torch.Tensor] = {}
     for name in ("embed_tokens.weight", "embed_positions.weight", "final_norm.weight",
                  "final_norm.bias", "lm_head.weight"):

@@ -12,6 +12,7 @@ from model.kernels.fused import add_rms_norm, rope_store_kv, silu_and_mul
 from model.kernels.gemv import ADD_NORM, SILU_MUL, AddNorm
 from model.kernels.plan import KernelPlan
 from model.network.attention import AttentionMetadata, KVCache, attend_cached, paged_attention, uncached_attention
+from model.network.rope import RopeScaling, inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -71,11 +72,12 @@ def sinusoidal_table(max_position: int, dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE in the half-split layout (Hugging Face's rotate_half convention)."""
+    """cos/sin tables for RoPE in the half-split layout (Hugging Face's rotate_half convention), with the
+    config's frequency scaling (rope.py)."""
 
-    def __init__(self, head_dim: int, max_position: int, theta: float):
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: RopeScaling | None = None):
         super().__init__()
-        self.head_dim, self.max_position, self.theta = head_dim, max_position, theta
+        self.head_dim, self.max_position, self.theta, self.scaling = head_dim, max_position, theta, scaling
         self.register_buffer("cos", torch.empty(max_position, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_position, head_dim), persistent=False)
         self.reset()
@@ -83,12 +85,12 @@ class RotaryEmbedding(nn.Module):
     def reset(self) -> None:
         if self.cos.is_meta:
             return
-        hd = self.head_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
         angles = torch.arange(self.max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
         angles = torch.cat([angles, angles], dim=-1).to(self.cos.device)
-        self.cos.copy_(angles.cos())
-        self.sin.copy_(angles.sin())
+        magnitude = self.scaling.magnitude if self.scaling is not None else 1.0
+        self.cos.copy_(angles.cos() * magnitude)
+        self.sin.copy_(angles.sin() * magnitude)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # (T, hd) each, once per forward and shared by every layer
@@ -113,7 +115,9 @@ class Attention(nn.Module):
         self.kv_size = config.num_kv_heads * hd
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_out_bias)
+        self.q_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
         self.scale = hd ** -0.5
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -124,6 +128,8 @@ class Attention(nn.Module):
                meta: AttentionMetadata, kv_cache: KVCache | None, kernels: KernelPlan | None) -> torch.Tensor:
         """From the fused QKV projection's output (T, (nh + 2 n_kv) * hd) through the output projection."""
         cfg = self.config
+        if self.q_norm is not None:
+            qkv = self._norm_qk(qkv)
         if meta.triton_attention and rope is not None and kv_cache is not None:
             q, k, v = rope_store_kv(qkv, *rope, meta.slot_mapping, kv_cache, cfg.num_heads, cfg.num_kv_heads,
                                     cfg.head_dim)
@@ -131,6 +137,13 @@ class Attention(nn.Module):
         else:
             out = self._attend_torch(qkv, rope, meta, kv_cache)
         return project(self.o_proj, out.reshape(-1, self.q_size), kernels)
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Each head's q and k through their RMSNorms (Qwen3), before RoPE; v as it is."""
+        cfg = self.config
+        q = self.q_norm(qkv[:, : self.q_size].view(-1, cfg.num_heads, cfg.head_dim))
+        k = self.k_norm(qkv[:, self.q_size: self.q_size + self.kv_size].view(-1, cfg.num_kv_heads, cfg.head_dim))
+        return torch.cat([q.flatten(1), k.flatten(1), qkv[:, self.q_size + self.kv_size:]], dim=1)
 
     def _attend_torch(self, qkv, rope, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
         cfg = self.config

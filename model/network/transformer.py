@@ -25,7 +25,7 @@ class Transformer(nn.Module):
             self.register_buffer("sinusoid", torch.empty(config.max_position, config.hidden_size),
                                  persistent=False)
         else:
-            self.rotary = RotaryEmbedding(config.head_dim, config.max_position, config.rope_theta)
+            self.rotary = RotaryEmbedding(config.head_dim, config.max_position, config.rope_theta, config.rope_scaling)
         self.reset_buffers()
         self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
         # Post-norm blocks already end in a norm; pre-norm stacks need a final one.

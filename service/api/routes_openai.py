@@ -45,7 +45,8 @@ def _chat_logprobs(choice: Choice, tokenizer: TextTokenizer) -> dict:
 async def models(state: StateDep):
     return {"object": "list", "data": [{"id": state.settings.served_model_name, "object": "model",
                                         "created": int(time.time()), "owned_by": "kvserve",
-                                        "max_model_len": state.info and state.info.max_model_len}]}
+                                        "max_model_len": state.info and state.info.max_model_len,
+                                        "architecture": state.info and state.info.architecture}]}
 
 
 @router.post("/v1/completions", summary="Text completion (OpenAI API)")

@@ -112,7 +112,7 @@ async def info(state: StateDep):
         raise APIError(503, state.not_ready_reason(), None, "unavailable")
     settings = state.settings
     return {"model_id": settings.served_model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
-            "model_dtype": info.dtype, "model_device_type": info.device,
+            "model_dtype": info.dtype, "model_device_type": info.device, "model_architecture": info.architecture,
             "max_concurrent_requests": settings.max_num_seqs + settings.max_queue, "max_best_of": 1,
             "max_stop_sequences": 16, "max_input_tokens": info.max_model_len - 1,
             "max_total_tokens": info.max_model_len, "max_batch_total_tokens": info.kv_cache_tokens,

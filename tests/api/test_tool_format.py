@@ -9,9 +9,6 @@ import types
 import llguidance
 import pytest
 
-from model.loading import smollm2_path
-from model.loading.gguf_file import open_gguf
-from model.tokenizer import tokenizer_from_gguf
 from service.api.schemas_openai import ChatMessage, ToolDef
 from service.api.tool_parser import ToolCallParser
 from service.api.tools import ToolUse, call_grammar, template_inputs
@@ -25,9 +22,8 @@ TWO_CALLS = 'Let me look.\n' + CALL + '<tool_call>\n{"name": "get_time", "argume
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    path = smollm2_path()
-    return tokenizer_from_gguf(open_gguf(path), path)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,8 @@ def assert_finish_once_at_end(chunks, n: int) -> None:
 
 
 def test_models_lists_smollm2_and_tokenize_round_trips(client, server):
-    assert "smollm2" in [m.id for m in client.models.list().data]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smollm2"] and models[0].model_extra["architecture"] == "llama"
     text = "Hello, world! Paris is the capital of France."
     tokens = tokenize(server, prompt=text)
     assert tokens and all(isinstance(t, int) for t in tokens)

@@ -104,4 +104,4 @@ def test_info(server):
     info = response.json()
     assert info["model_id"] == "smollm2" and info["model_pipeline_tag"] == "text-generation"
     assert info["max_input_tokens"] < info["max_total_tokens"] and info["max_batch_total_tokens"] > 0
-    assert info["max_best_of"] == 1 and info["version"]
+    assert info["max_best_of"] == 1 and info["version"] and info["model_architecture"] == "llama"

@@ -1,22 +1,14 @@
-"""Fixtures for the engine tests: the real SmolLM2 tokenizer and a tiny random model over its vocabulary
-(the real SmolLM2 model is tests/conftest.py's `smollm2`). Helpers that build and drive engines live in
-engine_helpers.py."""
+"""Fixtures for the engine tests: a tiny random model over the SmolLM2 vocabulary (the real SmolLM2 model
+and tokenizer are tests/conftest.py's `smollm2` and `smollm2_tokenizer`). Helpers that build and drive
+engines live in engine_helpers.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from model.config import tiny
-from model.loading import LoadedModel, build_model, smollm2_path
-from model.loading.gguf_file import open_gguf
+from model.loading import LoadedModel, build_model
 from model.loading.weights import random_weights
-from model.tokenizer import TextTokenizer, tokenizer_from_gguf
-
-
-@pytest.fixture(scope="session")
-def smollm2_tokenizer() -> TextTokenizer:
-    path = smollm2_path()
-    return tokenizer_from_gguf(open_gguf(path), path)
 
 
 @pytest.fixture(scope="session")
