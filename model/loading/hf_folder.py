@@ -11,7 +11,7 @@ from model.config import ModelConfig
 from model.loading.weights import LoadError
 from model.network.rope import rope_scaling_from_hf
 
-LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 # Buffers some checkpoints carry that are recomputed, never loaded.
 # Anchored at a dot: GPT-2's real QKV bias "attn.c_attn.bias" also ends in "attn.bias".
 _IGNORED = re.compile(r"(?:^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
@@ -19,7 +19,9 @@ _IGNORED = re.compile(r"(?:^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bi
 _LLAMA_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                 "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
                 "self_attn.o_proj": "attn.o", "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up",
-                "mlp.down_proj": "ffn.down", "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
+                "mlp.down_proj": "ffn.down", "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
+                # Phi-3 stores q, k, v as one matrix and gate, up as another: split on load.
+                "self_attn.qkv_proj": "attn.qkv", "mlp.gate_up_proj": "ffn.gate_up"}
 _GPT2_LAYER = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn.qkv",
                "attn.c_proj": "attn.o", "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down"}
 _GLOBALS = {"model.embed_tokens": "embed_tokens", "model.norm": "final_norm", "lm_head": "lm_head",
@@ -44,6 +46,9 @@ def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
                 mlp_bias=True, tie_embeddings=raw.get("tie_word_embeddings", True), name=folder.name, architecture=kind), raw
         if kind in LLAMA_TYPES:
             heads = raw["num_attention_heads"]
+            if raw.get("partial_rotary_factor", 1.0) != 1.0:
+                raise LoadError(f"{path}: partial_rotary_factor {raw['partial_rotary_factor']} is not supported "
+                                "(RoPE over the whole head only)")
             # Qwen2 has biases on q, k and v but not on o; the others' attention_bias covers all four.
             qkv_bias = raw.get("attention_bias", kind == "qwen2")
             return ModelConfig(
@@ -96,11 +101,20 @@ def hf_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
             tensor = tensor.float()
             if raw_name.removeprefix("transformer.").startswith("h.") and tensor.dim() == 2:
                 tensor = tensor.t()  # GPT-2's Conv1D layers store (in, out)
-            if ".attn.qkv." in name:
-                for part, piece in zip("qkv", tensor.chunk(3)):
-                    weights[name.replace(".qkv.", f".{part}.")] = piece.contiguous()
+            if ".attn.qkv." in name or ".ffn.gate_up." in name:
+                weights.update(_split_fused(name, tensor, config))
                 continue
             weights[name] = tensor.contiguous()
     if config.tie_embeddings:
         weights.pop("lm_head.weight", None)  # some tied checkpoints still store the shared matrix
     return weights
+
+
+def _split_fused(name: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """A fused checkpoint matrix (GPT-2's and Phi-3's qkv, Phi-3's gate_up) as our separate tensors."""
+    if ".ffn.gate_up." in name:
+        return {name.replace(".gate_up.", f".{part}."): piece.contiguous()
+                for part, piece in zip(("gate", "up"), tensor.chunk(2))}
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return {name.replace(".qkv.", f".{part}."): piece.contiguous()
+            for part, piece in zip("qkv", tensor.split([q, kv, kv]))}

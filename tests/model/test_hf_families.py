@@ -31,6 +31,8 @@ FAMILIES = {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
     # Mistral: a sliding attention window, here shorter than the prompt.
     "mistral": (transformers.MistralConfig, dict(sliding_window=64, tie_word_embeddings=False)),
+    # Phi-3: q, k, v fused in one checkpoint matrix, gate and up in another.
+    "phi3": (transformers.Phi3Config, dict(tie_word_embeddings=False, pad_token_id=0)),
     # Qwen2 / 2.5: biases on q, k and v only.
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=True)),
     # Qwen3: RMSNorm over each head's q and k before RoPE; head_dim wider than hidden / heads.
