@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: install install-dev serve test clean chromium prometheus
+.PHONY: install install-dev serve test clean chromium prometheus llama-converter
 
 install: $(RUNTIME_STAMP)
 
@@ -22,11 +22,25 @@ $(DEV_STAMP): $(RUNTIME_STAMP)
 	sh deploy/install.sh $(PY) -e '.[dev]'
 	touch $@
 
+# llama.cpp's own Hugging Face -> GGUF converter, for tests/model/test_gguf_families.py: the converter, its
+# conversion/ modules and its gguf-py, unpacked from the llama-cpp-python sdist on PyPI (nothing is built).
+LLAMA_CPP_PYTHON := 0.3.36
+CONVERTER := $(VENV)/llama.cpp/convert_hf_to_gguf.py
+llama-converter: $(CONVERTER)
+
+$(CONVERTER): $(DEV_STAMP)
+	rm -rf $(VENV)/llama.cpp $(VENV)/llama.cpp.download
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/llama.cpp.download
+	mkdir -p $(VENV)/llama.cpp
+	tar xzf $(VENV)/llama.cpp.download/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/llama.cpp \
+		--strip-components=3 $(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
+	rm -rf $(VENV)/llama.cpp.download
+
 serve: install
 	$(VENV)/bin/kvserve serve
 
 # Sleeping (not spinning) OpenMP workers: the tests run servers and clients side by side on few cores.
-test: install-dev chromium prometheus
+test: install-dev llama-converter chromium prometheus
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q --durations=15
 
 # The playground's browser test drives Debian's Chromium through Playwright (no `playwright install`).

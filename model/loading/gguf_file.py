@@ -9,6 +9,7 @@ import torch
 
 from model.config import ModelConfig
 from model.loading.weights import LoadError
+from model.network.rope import RopeScaling
 
 try:
     import gguf
@@ -19,11 +20,17 @@ except ImportError:  # pragma: no cover - gguf is a runtime dependency
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+# llama.cpp's converter reorders q/k rows for its "normal" RoPE (llama) only; qwen2 and qwen3 use its NEOX
+# RoPE, the half-split layout kvserve computes, and are stored as they are.
+_PERMUTED = {"llama"}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's per-frequency scaling factors, read into the config
+
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 _LAYER_NAMES = {  # llama.cpp tensor name -> canonical suffix
     "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "attn.q", "attn_k": "attn.k",
     "attn_v": "attn.v", "attn_output": "attn.o", "ffn_gate": "ffn.gate", "ffn_up": "ffn.up",
-    "ffn_down": "ffn.down",
+    "ffn_down": "ffn.down", "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
 }
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "position_embd": "embed_positions",
                  "output_norm": "final_norm", "output": "lm_head"}
@@ -48,8 +55,8 @@ def metadata(reader, key: str, default=None):
 
 def gguf_config(reader, path: Path) -> ModelConfig:
     arch = metadata(reader, "general.architecture")
-    if arch not in ("llama", "gpt2"):
-        raise LoadError(f"{path}: unsupported architecture {arch!r} (supported: llama, gpt2)")
+    if arch not in ARCHITECTURES:
+        raise LoadError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
 
     def need(key: str):
         value = metadata(reader, f"{arch}.{key}")
@@ -69,11 +76,31 @@ def gguf_config(reader, path: Path) -> ModelConfig:
         return ModelConfig(**common, num_kv_heads=heads, activation="gelu_tanh", norm="layernorm",
                            norm_eps=float(need("attention.layer_norm_epsilon")),
                            positional_encoding="learned", attention_bias=True, mlp_bias=True)
-    head_dim = int(metadata(reader, "llama.attention.key_length", 0) or 0)
-    return ModelConfig(**common, num_kv_heads=int(metadata(reader, "llama.attention.head_count_kv", heads)),
+    head_dim = int(metadata(reader, f"{arch}.attention.key_length", 0) or 0) or common["hidden_size"] // heads
+    rotated = metadata(reader, f"{arch}.rope.dimension_count")
+    if rotated is not None and int(rotated) != head_dim:
+        raise LoadError(f"{path}: RoPE over {rotated} of {head_dim} head channels is not supported (the whole head only)")
+    return ModelConfig(**common, num_kv_heads=int(metadata(reader, f"{arch}.attention.head_count_kv", heads)),
                        head_dim=head_dim, norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-                       rope_theta=float(metadata(reader, "llama.rope.freq_base", 10000.0)),
-                       sliding_window=metadata(reader, "llama.attention.sliding_window"))
+                       rope_theta=float(metadata(reader, f"{arch}.rope.freq_base", 10000.0)),
+                       sliding_window=metadata(reader, f"{arch}.attention.sliding_window") or None,
+                       attention_bias=arch == "qwen2", attention_out_bias=False, qk_norm=arch == "qwen3",
+                       rope_scaling=_rope_scaling(reader, arch, path))
+
+
+def _rope_scaling(reader, arch: str, path: Path) -> RopeScaling | None:
+    """The file's RoPE scaling: Llama 3.1's factors tensor, or linear / yarn from the metadata."""
+    factors = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if factors is not None:
+        return RopeScaling("factors", 1.0, frequency_factors=tuple(_dequantize(factors, path).tolist()))
+    kind = metadata(reader, f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    try:
+        return RopeScaling(kind, float(metadata(reader, f"{arch}.rope.scaling.factor", 1.0)),
+                           int(metadata(reader, f"{arch}.rope.scaling.original_context_length", 0) or 0))
+    except ValueError as exc:
+        raise LoadError(f"{path}: {exc}") from exc
 
 
 def _dequantize(tensor, path: Path) -> torch.Tensor:
@@ -107,12 +134,15 @@ def canonical_name(name: str, path: Path) -> str:
 
 def gguf_weights(reader, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
+    permuted = config.architecture in _PERMUTED
     for tensor in reader.tensors:
+        if tensor.name == ROPE_FREQS:
+            continue
         name = canonical_name(tensor.name, path)
         w = _dequantize(tensor, path)
-        if name.endswith(("attn.q.weight", "attn.q.bias")) and config.positional_encoding == "rope":
+        if name.endswith(("attn.q.weight", "attn.q.bias")) and permuted:
             w = unpermute_rope(w, config.num_heads)
-        elif name.endswith(("attn.k.weight", "attn.k.bias")) and config.positional_encoding == "rope":
+        elif name.endswith(("attn.k.weight", "attn.k.bias")) and permuted:
             w = unpermute_rope(w, config.num_kv_heads)
         if ".attn.qkv." in name:  # GPT-2 stores Q, K and V in one tensor
             q_rows = config.num_heads * config.head_dim

@@ -8,6 +8,8 @@ positions and the rotation itself are as in plain RoPE:
   yarn     YaRN: frequencies that rotate fewer than beta_slow times over the original context are
            interpolated (/ factor), those rotating more than beta_fast times kept, a ramp between; cos and
            sin scaled by the attention factor (0.1 ln(factor) + 1 unless the config gives one)
+  factors  one divisor per frequency, as GGUF files store Llama 3.1's scaling (the rope_freqs tensor
+           llama.cpp's converter computes from the llama3 parameters)
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-SCALINGS = ("linear", "llama3", "yarn")
+SCALINGS = ("linear", "llama3", "yarn")  # the names configs use
+KINDS = SCALINGS + ("factors",)
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,10 @@ class RopeScaling:
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
     attention_factor: float | None = None  # yarn: None means 0.1 ln(factor) + 1
+    frequency_factors: tuple[float, ...] = ()  # factors: one per frequency (head_dim / 2)
 
     def __post_init__(self) -> None:
-        if self.kind not in SCALINGS:
+        if self.kind not in KINDS:
             raise ValueError(f"RoPE scaling {self.kind!r} is not supported (supported: {', '.join(SCALINGS)})")
         if self.factor <= 0:
             raise ValueError(f"RoPE scaling factor must be positive, got {self.factor}")
@@ -56,6 +60,10 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
         return inv_freq
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
+    if scaling.kind == "factors":
+        if len(scaling.frequency_factors) != len(inv_freq):
+            raise ValueError(f"{len(scaling.frequency_factors)} RoPE frequency factors for {len(inv_freq)} frequencies")
+        return inv_freq / torch.tensor(scaling.frequency_factors, dtype=torch.float64)
     if scaling.kind == "llama3":
         return _llama3(inv_freq, scaling)
     return _yarn(inv_freq, head_dim, theta, scaling)

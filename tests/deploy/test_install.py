@@ -46,3 +46,19 @@ def test_test_after_serve_only_adds_the_dev_extra(venv):
     (venv / DEV_STAMP).touch()
     assert planned_installs("test", venv) == []
     assert planned_installs("serve", venv) == [f"{venv}/bin/kvserve serve"]
+
+
+def test_test_unpacks_llama_cpps_converter_once(venv):
+    venv.mkdir()
+    (venv / RUNTIME_STAMP).touch()
+    (venv / DEV_STAMP).touch()
+    plan = subprocess.run(["make", "-n", "test", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "pip download -q --no-deps --no-binary :all: llama-cpp-python==" in plan
+    assert f"-C {venv}/llama.cpp" in plan and "vendor/llama.cpp/convert_hf_to_gguf.py" in plan
+    converter = venv / "llama.cpp" / "convert_hf_to_gguf.py"
+    converter.parent.mkdir()
+    converter.touch()  # newer than the dev stamp: nothing to do
+    plan = subprocess.run(["make", "-n", "test", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "llama-cpp-python" not in plan

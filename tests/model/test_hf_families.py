@@ -1,67 +1,15 @@
 """Model families from Hugging Face folders against transformers' own implementation (the referee, a
-test-only dependency): a tiny random checkpoint per family, made by transformers' config class and
-save_pretrained with the family's distinguishing features switched on, gives float32 logits within 1e-4
-of transformers' forward over a 300-token prompt, and identical greedy tokens and logprobs when decoded by
-the engine for 32 steps packed with other sequences."""
+test-only dependency), on tiny random checkpoints (families.py); and a family or RoPE scaling kvserve does
+not run fails at load in one line."""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
-import transformers
 
 from model.loading import load_model
 from model.loading.weights import LoadError
-from model.network.attention import AttentionMetadata
-from service.engine.request import SamplingParams
-from tests.engine.engine_helpers import generate, make_engine
-
-PROMPT_LEN, STEPS = 300, 32
-VOCAB = 49152  # SmolLM2's: the folder gets its tokenizer.json, which the engine's detokenizer needs
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6)
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
-FAMILIES = {
-    # Llama 3.x: the llama3 RoPE scaling (its wavelength-dependent blend), a large base, tied embeddings.
-    "llama3": (transformers.LlamaConfig, dict(rope_theta=500000.0, rope_scaling=LLAMA3, tie_word_embeddings=True)),
-    "llama-linear-rope": (transformers.LlamaConfig, dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
-    "llama-yarn-rope": (transformers.LlamaConfig, dict(rope_scaling={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
-    # Mistral: a sliding attention window, here shorter than the prompt.
-    "mistral": (transformers.MistralConfig, dict(sliding_window=64, tie_word_embeddings=False)),
-    # Phi-3: q, k, v fused in one checkpoint matrix, gate and up in another.
-    "phi3": (transformers.Phi3Config, dict(tie_word_embeddings=False, pad_token_id=0)),
-    # Qwen2 / 2.5: biases on q, k and v only.
-    "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=True)),
-    # Qwen3: RMSNorm over each head's q and k before RoPE; head_dim wider than hidden / heads.
-    "qwen3": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=False)),
-}
-
-
-def checkpoint(tmp_path_factory, tokenizer, family: str):
-    """transformers' model for the family, with random weights (norms near 1), saved as a folder with
-    SmolLM2's tokenizer."""
-    config_class, options = FAMILIES[family]
-    config = config_class(**COMMON, **options)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.normal_(1.0, 0.1)
-            else:
-                parameter.normal_(0.0, 0.08)
-    folder = tmp_path_factory.mktemp(family)
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.tokenizer.save(str(folder / "tokenizer.json"))
-    return model, folder
-
-
-def prompt(seed: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(17, VOCAB, (PROMPT_LEN,), generator=generator).tolist()  # 0..16: special tokens
+from tests.model.families import FAMILIES, assert_runs_like, checkpoint
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -69,25 +17,7 @@ def test_prefill_and_decode_match_transformers(tmp_path_factory, smollm2_tokeniz
     reference, folder = checkpoint(tmp_path_factory, smollm2_tokenizer, family)
     loaded = load_model(str(folder))
     assert loaded.config.architecture == reference.config.model_type
-    ids = prompt(1)
-    with torch.no_grad():
-        expected = reference(torch.tensor([ids])).logits[0]
-    meta = AttentionMetadata.build([PROMPT_LEN], [PROMPT_LEN], None, sliding_window=loaded.config.sliding_window)
-    with torch.inference_mode():
-        ours = loaded.model(torch.tensor(ids), meta, None, logits_index=torch.arange(PROMPT_LEN))
-    assert (ours - expected).abs().max().item() < 1e-4
-
-    # 32 greedy steps through the engine, packed with two other sequences, against transformers' greedy.
-    with torch.no_grad():
-        generated = reference.generate(torch.tensor([ids]), max_new_tokens=STEPS, do_sample=False, eos_token_id=None,
-                                       pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    tokens = generated.sequences[0, PROMPT_LEN:].tolist()
-    logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(generated.logits, tokens)]
-    engine = make_engine(loaded, 128)
-    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=0)
-    results = generate(engine, {"ref": ids, "other": prompt(2)[:77], "third": prompt(3)[:190]}, params)
-    assert results["ref"].token_ids == tokens
-    assert results["ref"].logprobs == pytest.approx(logprobs, abs=1e-4)
+    assert_runs_like(loaded, reference)
 
 
 @pytest.mark.parametrize(("change", "words"), [
