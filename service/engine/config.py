@@ -44,5 +44,6 @@ class EngineConfig:
     speculative_ngram: int = setting(0, "speculative decoding: up to this many draft tokens a step, looked up "
                                      "in the sequence's own prompt and output (0: off; a request's "
                                      "speculative_ngram overrides it)", ge=0, le=16)
-    # 1 from bench/results/speculative.md: on 2 CPU cores drafting already costs 9% at 2 running sequences.
+    # 1 from bench/results/speculative.md: on 2 CPU cores drafting gains nothing at 2 running sequences and
+    # costs 30% at 4.
     speculative_max_batch: int = setting(1, "draft only while at most this many sequences run", ge=1)

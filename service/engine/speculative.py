@@ -13,8 +13,8 @@ When drafts pay: a draft costs one more row in a step. At batch 1 a step's time 
 (weights streamed once, Python and dispatch), so a few more rows are nearly free; in a large batch the step
 is already compute-heavy, and rejected rows are waste. The scheduler drafts only while at most
 `max_batch` sequences run: 1 by default, from bench/results/speculative.md, where drafting at every batch
-size gave 1.27x at 1 running sequence, 0.91x at 2, 0.77x at 4 and 0.51x at 16 on 2 CPU cores (a drafted
-step has several rows per sequence, past the small-batch kernels' sweet spot). A sequence whose drafts keep
+size gave 1.15x at 1 running sequence, 1.00x at 2 (0.91x in another run), 0.70x at 4 and 0.49x at 16 on
+2 CPU cores (a drafted step has several rows per sequence, past the small-batch kernels' sweet spot). A sequence whose drafts keep
 failing backs off: after `BACKOFF_AFTER` consecutive steps with nothing accepted it skips 2, 4, 8, ... steps
 (at most MAX_BACKOFF) before it drafts again.
 """
