@@ -11,7 +11,7 @@ import enum
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from service.engine.request import SamplingParams
 from service.engine.speculative import DraftState
