@@ -17,6 +17,10 @@ COPY clients/ /src/clients/
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# g++ compiles the native CPU kernels into the venv (model/kernels/native.py); the runtime image needs none,
+# unless it runs on a CPU with other vector units than the build machine's (then torch's kernels run).
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY deploy/install.sh deploy/install.sh

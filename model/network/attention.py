@@ -8,7 +8,9 @@ A step packs many sequences: sequence i brings query_lens[i] new tokens and, aft
 context_lens[i] tokens in the cache. Decode rows (one new token) are attended together: by the Triton
 paged kernel (model/kernels/decode.py) where it runs, reading K/V through the block tables, otherwise by
 one padded SDPA call over gathered K/V. Prefill chunks are attended one sequence at a time, where the
-loop costs nothing next to the work. Everything that does not depend on the layer is built once per
+loop costs nothing next to the work. On a CPU where the native kernels load (model/kernels/native.py), every
+token, decode or prefill, is attended by one C++ kernel through the block tables instead, so that its result
+does not depend on the step it is in. Everything that does not depend on the layer is built once per
 step, here.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.kernels import native
 from model.kernels.decode import paged_decode_attention, triton_available
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # one layer's (K, V), each (num_slots, n_kv, hd)
@@ -59,6 +62,14 @@ class PrefillChunk:
 
 
 @dataclass
+class NativeRows:
+    """What the native CPU kernel reads: each token's sequence (a row of the tables) and its position."""
+    block_tables: torch.Tensor  # (B, width) int64
+    token_rows: torch.Tensor  # (T,) int64
+    block_size: int
+
+
+@dataclass
 class AttentionMetadata:
     query_lens: list[int]
     context_lens: list[int]
@@ -69,6 +80,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     sliding_window: int | None = None  # the window the masks were built for; the model checks it
     triton_attention: bool = False  # decode rows attended, and RoPE + the K/V cache write done, by Triton kernels
+    native: NativeRows | None = None  # every token attended by the native CPU kernel (then no decode/prefills)
 
     @property
     def num_tokens(self) -> int:
@@ -78,10 +90,11 @@ class AttentionMetadata:
     def build(cls, query_lens: list[int], context_lens: list[int],
               block_tables: list[list[int]] | None, block_size: int = 16,
               sliding_window: int | None = None, device: torch.device | str = "cpu",
-              triton_attention: bool | None = None) -> AttentionMetadata:
+              triton_attention: bool | None = None, native_attention: bool | None = None) -> AttentionMetadata:
         """Metadata for one step. block_tables=None builds an uncached step (whole sequences).
         triton_attention: attend decode rows with the Triton kernel, and rotate and cache K/V with the fused
-        one (None: wherever they are available). An uncached step is the torch reference, always."""
+        one (None: wherever they are available). native_attention: attend every token with the native CPU
+        kernel (None: on a CPU where it loads, unless triton_attention is asked for). An uncached step is the torch reference, always."""
         if len(query_lens) != len(context_lens) or not query_lens:
             raise ValueError("query_lens and context_lens must be non-empty and of equal length")
         if any(q <= 0 or c < q for q, c in zip(query_lens, context_lens)):
@@ -102,7 +115,15 @@ class AttentionMetadata:
                              f"{block_size}, got {[len(t) for t in block_tables]} blocks")
         tables = pad_block_tables(block_tables, device)
         token_rows = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))
-        meta.slot_mapping = _slots(tables, positions, to_device(token_rows, device), block_size)
+        token_rows = to_device(token_rows, device)
+        meta.slot_mapping = _slots(tables, positions, token_rows, block_size)
+        if native_attention is None:
+            native_attention = torch.device(device).type == "cpu" and not triton_attention and native.load()
+        elif native_attention and not native.load():
+            raise RuntimeError("native_attention=True, but the native CPU kernels are not available")
+        if native_attention:
+            meta.native = NativeRows(tables, token_rows, block_size)
+            return meta
         if triton_attention is None:
             triton_attention = triton_available(device)
         meta.triton_attention = triton_attention
@@ -207,6 +228,8 @@ def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: 
 
 def attend_cached(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attend every new token to its context, the step's K/V being in the cache already."""
+    if meta.native is not None:
+        return _attend_native(q, kv_cache, meta, scale)
     if meta.decode is not None and not meta.prefills:
         # Every token is a decode row, in order: no need to pick the rows out and put them back.
         return _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window, every_row=True)
@@ -215,6 +238,12 @@ def attend_cached(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: fl
         out.index_copy_(0, meta.decode.token_index,
                         _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window))
     return _attend_prefills(out, q, k, v, kv_cache, meta, scale)
+
+
+def _attend_native(q, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    rows = meta.native
+    return torch.ops.kvserve.paged_attention(q.contiguous(), *kv_cache, rows.block_tables, rows.token_rows,
+                                             meta.positions, rows.block_size, scale, meta.sliding_window or 0)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

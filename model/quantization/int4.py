@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 GROUP_SIZE = 32
-QUANTIZATIONS = ("int4",)
 DENSE_FROM_TOKENS = 64  # steps with at least this many tokens use the dequantized bfloat16 weights
 HEAD_CODES_MAX_ROWS = 4  # the 8-bit head's two int4 passes beat one bfloat16 matmul up to here
 
@@ -129,19 +128,3 @@ class Int4Linear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y if y.dtype == x.dtype else y.to(x.dtype)
-
-
-def quantize_model(model: nn.Module, method: str) -> nn.Module:
-    """Swap every projection inside the decoder blocks for its quantized form (in place)."""
-    if method not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError("int4 weights run on CPU only (torch's int4 kernel here is the CPU one); "
-                         "serve bfloat16 on a GPU")
-    for block in model.layers:
-        for parent in (block.attn, block.ffn):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int4Linear(child))
-    model.lm_head = Int8Head(model.lm_head)
-    return model

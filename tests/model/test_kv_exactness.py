@@ -70,8 +70,9 @@ class PagedRun:
     """Sequences decoded through a paged KV cache whose blocks are handed out in shuffled order, so
     every block table is non-contiguous and interleaved with the other sequences' tables."""
 
-    def __init__(self, model, num_blocks: int = 64, block_size: int = 4, seed: int = 0):
-        self.model, self.block_size = model, block_size
+    def __init__(self, model, num_blocks: int = 64, block_size: int = 4, seed: int = 0,
+                 native_attention: bool | None = None):
+        self.model, self.block_size, self.native_attention = model, block_size, native_attention
         self.kv = allocate_kv_cache(model.config, num_blocks, block_size, torch.float32, "cpu")
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tables: dict[str, list[int]] = {}
@@ -93,7 +94,8 @@ class PagedRun:
             query_lens.append(len(tokens))
             context_lens.append(context)
         return AttentionMetadata.build(query_lens, context_lens, [self.tables[n] for n in new_tokens],
-                                       self.block_size, self.model.config.sliding_window)
+                                       self.block_size, self.model.config.sliding_window,
+                                       native_attention=self.native_attention)
 
     def step(self, new_tokens: dict[str, list[int]], meta: AttentionMetadata | None = None):
         """One packed forward; each sequence's logits (q, vocab) at every one of its new tokens."""
@@ -103,22 +105,29 @@ class PagedRun:
         return dict(zip(new_tokens, logits.split(meta.query_lens)))
 
 
-def prefill_then_decode(model, tokens: list[int], prompt_len: int) -> torch.Tensor:
-    run = PagedRun(model)
+def prefill_then_decode(model, tokens: list[int], prompt_len: int, native_attention: bool | None = None):
+    run = PagedRun(model, native_attention=native_attention)
     rows = [run.step({"s": tokens[:prompt_len]})["s"]]
     rows += [run.step({"s": [token]})["s"] for token in tokens[prompt_len:]]
     return torch.cat(rows)
 
 
+# The CPU attends with the native kernel by default (model/kernels/cpu/attention.cpp); the torch backend is
+# the GPU's without Triton and the CPU's where the kernels do not build.
+BACKENDS = pytest.mark.parametrize("native_attention", [True, False], ids=["native", "torch"])
+
+
+@BACKENDS
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_then_decode_matches_full_forward(family):
+def test_prefill_then_decode_matches_full_forward(family, native_attention):
     model, tokens = get_model(family), random_tokens(24, seed=1)  # 24 > the window of 8
-    torch.testing.assert_close(prefill_then_decode(model, tokens, 5), full_logits(model, tokens),
+    torch.testing.assert_close(prefill_then_decode(model, tokens, 5, native_attention), full_logits(model, tokens),
                                atol=ATOL, rtol=0)
 
 
+@BACKENDS
 @pytest.mark.parametrize("family", FAMILIES)
-def test_mixed_batch_matches_each_sequence_alone(family):
+def test_mixed_batch_matches_each_sequence_alone(family, native_attention):
     model = get_model(family)
     seqs = {name: random_tokens(n, seed=10 + i) for i, (name, n) in enumerate(
         {"a": 20, "b": 12, "c": 13, "d": 3}.items())}
@@ -131,7 +140,7 @@ def test_mixed_batch_matches_each_sequence_alone(family):
         {"b": (9, 12), "a": (11, 19), "c": (11, 12)},
         {"a": (19, 20), "c": (12, 13)},
     ]
-    run, got = PagedRun(model), {name: [] for name in seqs}
+    run, got = PagedRun(model, native_attention=native_attention), {name: [] for name in seqs}
     for step in schedule:
         out = run.step({name: seqs[name][start:end] for name, (start, end) in step.items()})
         for name, logits in out.items():
@@ -211,7 +220,7 @@ def test_a_wrong_prefill_mask_is_caught(broken):
 def test_a_decode_row_that_misses_its_own_key_is_caught():
     """Negative control for the decode path: an off-by-one key mask (k < ctx - 1) changes logits."""
     model, tokens = get_model("llama-gqa"), random_tokens(10, seed=6)
-    run = PagedRun(model)
+    run = PagedRun(model, native_attention=False)
     run.step({"s": tokens[:9]})
     meta = run.build({"s": tokens[9:]})
     meta.decode.key_mask[..., 8] = False  # hide key position 8, i.e. the row's own new token

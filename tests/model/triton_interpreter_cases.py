@@ -38,7 +38,8 @@ def attention_case(num_heads, num_kv_heads, head_dim, block_size, context_lens, 
     outs = []
     for kernel in (False, True):
         kv = (cache[0].clone(), cache[1].clone())
-        meta = AttentionMetadata.build([1] * rows, context_lens, tables, block_size, window, DEVICE, kernel)
+        meta = AttentionMetadata.build([1] * rows, context_lens, tables, block_size, window, DEVICE, kernel,
+                                       native_attention=False)
         assert (meta.decode.kv_slots is None) == kernel
         outs.append(paged_attention(q, k, v, kv, meta, head_dim ** -0.5))
     # The kernel with its context cut into runs: one, a few, and more runs than some rows have tiles.

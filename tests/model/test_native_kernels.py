@@ -1,0 +1,130 @@
+"""The native CPU kernels (model/kernels/cpu/): the quantized matmul against the dequantized float matmul,
+paged attention against the torch reference, and both bitwise independent of which other rows share a call."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from model.kernels import native
+from model.network.attention import AttentionMetadata, paged_attention
+from model.quantization.int4 import GROUP_SIZE, quantize_groups, quantize_groups_int8
+from model.quantization.native_codes import NativeQuantizedLinear
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels_built():
+    assert native.load(), "the native CPU kernels did not build (see the log line above)"
+
+
+def dequantized(layer_bits: int, weight: torch.Tensor) -> torch.Tensor:
+    n, k = weight.shape
+    if layer_bits == 4:
+        codes, scale, low = quantize_groups(weight)
+        groups = codes.reshape(n, -1, GROUP_SIZE) * scale[..., None] + low[..., None]
+    else:
+        codes, scale = quantize_groups_int8(weight)
+        groups = codes.reshape(n, -1, GROUP_SIZE) * scale[..., None]
+    return groups.reshape(n, k)
+
+
+def make_layer(bits: int, n: int, k: int, bias: bool, seed: int) -> tuple[NativeQuantizedLinear, torch.Tensor, nn.Linear]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias)
+    layer = NativeQuantizedLinear.int4(linear) if bits == 4 else NativeQuantizedLinear.int8(linear)
+    return layer, dequantized(bits, linear.weight.detach()), linear
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,bias", [(96, 160, True), (40, 64, False), (960, 576, False)])  # 40: a padded block
+def test_quantized_matmul_matches_the_dequantized_weights(bits, n, k, bias):
+    layer, weight, linear = make_layer(bits, n, k, bias, seed=n + k)
+    x = torch.randn(37, k)
+    expected = x @ weight.T + (linear.bias.detach() if bias else 0)
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (37, n)
+    # 16-bit activations: float32 rounding, not quantization, is what remains
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    got16 = layer(x.bfloat16())
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), expected, rtol=2e-2, atol=1e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_computes_the_same_bits_whatever_shares_its_call(bits, dtype):
+    """Tiles of 8, 4, 2 and 1 rows and chunks of 64 rows per task: every split must give the same sums."""
+    layer, *_ = make_layer(bits, 200, 192, True, seed=3)
+    x = torch.randn(150, 192).to(dtype)
+    together = layer(x)
+    for rows in (slice(0, 1), slice(5, 8), slice(17, 90), slice(63, 150), slice(149, 150)):
+        assert torch.equal(layer(x[rows]), together[rows]), rows
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    assert torch.equal(alone, together)
+
+
+def test_quantized_matmul_refuses_mismatched_operands():
+    layer, *_ = make_layer(4, 32, 64, False, seed=0)
+    with pytest.raises(RuntimeError, match="codes do not match"):
+        layer(torch.randn(2, 96))
+    with pytest.raises(ValueError, match="divisible by 32"):
+        NativeQuantizedLinear.int4(nn.Linear(40, 8))
+
+
+def cached_step(query_lens, context_lens, dtype, kv_dtype, window, seed=0):
+    """A step over random K/V already in a cache (each sequence's 8 blocks scattered), and its new tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    nh, n_kv, hd, block = 9, 3, 64, 16
+    tables = torch.randperm(8 * len(query_lens), generator=gen).reshape(len(query_lens), 8).tolist()
+    k_cache = torch.randn(8 * len(query_lens) * block, n_kv, hd, generator=gen).to(kv_dtype)
+    v_cache = torch.randn(k_cache.shape, generator=gen).to(kv_dtype)
+    t = sum(query_lens)
+    q, k, v = (torch.randn(t, heads, hd, generator=gen).to(dtype) for heads in (nh, n_kv, n_kv))
+    return tables, (k_cache, v_cache), q, k, v, block
+
+
+def attend(step, query_lens, context_lens, window, native_attention: bool):
+    tables, (k_cache, v_cache), q, k, v, block = step
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block, window, native_attention=native_attention)
+    return paged_attention(q, k, v, (k_cache.clone(), v_cache.clone()), meta, 64 ** -0.5)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("dtype,kv_dtype,atol", [(torch.float32, torch.float32, 2e-6),
+                                                 (torch.float32, torch.bfloat16, 2e-6),
+                                                 (torch.bfloat16, torch.bfloat16, 1e-2)])
+def test_native_attention_matches_the_torch_reference(window, dtype, kv_dtype, atol):
+    query_lens, context_lens = [1, 37, 1, 5, 100], [50, 37, 3, 70, 128]
+    step = cached_step(query_lens, context_lens, dtype, kv_dtype, window)
+    got = attend(step, query_lens, context_lens, window, native_attention=True)
+    if dtype != kv_dtype:  # the torch reference attends in one dtype: q's, rounded as the cache holds K/V
+        tables, cache, q, k, v, block = step
+        step = (tables, tuple(c.to(dtype) for c in cache), q, k.to(kv_dtype).to(dtype), v.to(kv_dtype).to(dtype),
+                block)
+    expected = attend(step, query_lens, context_lens, window, native_attention=False)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0, atol=atol)
+
+
+def test_native_attention_of_a_token_does_not_depend_on_its_step():
+    """The same sequences attended in one step, one at a time, and with their new tokens split in two."""
+    query_lens, context_lens = [1, 37, 5, 100], [50, 37, 70, 128]
+    tables, cache, q, k, v, block = step = cached_step(query_lens, context_lens, torch.float32, torch.float32, None)
+    together = attend(step, query_lens, context_lens, None, native_attention=True)
+    start = 0
+    for i, (n, ctx) in enumerate(zip(query_lens, context_lens)):
+        rows = slice(start, start + n)
+        alone = attend(([tables[i]], cache, q[rows], k[rows], v[rows], block), [n], [ctx], None, True)
+        assert torch.equal(alone, together[rows]), i
+        if n > 1:  # the first part's K/V must be in the cache for the second: write both, attend the second
+            first = n // 2
+            later = slice(start + first, start + n)
+            k_cache, v_cache = (c.clone() for c in cache)
+            meta = AttentionMetadata.build([first], [ctx - n + first], [tables[i]], block, native_attention=True)
+            paged_attention(q[start:start + first], k[start:start + first], v[start:start + first],
+                            (k_cache, v_cache), meta, 64 ** -0.5)
+            second = attend(([tables[i]], (k_cache, v_cache), q[later], k[later], v[later], block), [n - first],
+                            [ctx], None, True)
+            assert torch.equal(second, together[later]), i
+        start += n
