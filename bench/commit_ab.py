@@ -46,7 +46,9 @@ bench = importlib.util.module_from_spec(module_spec)
 module_spec.loader.exec_module(bench)
 
 torch.set_num_threads(os.cpu_count())
-loaded = model.loading.load_model("smollm2", "bfloat16", "cpu", "int4")  # the server's CPU defaults
+from service.settings import Settings
+defaults = Settings(device="cpu")  # each side's own CPU defaults, as its server resolves them
+loaded = model.loading.load_model("smollm2", defaults.resolved_dtype(), "cpu", defaults.resolved_quantization())
 prompts = bench.distinct_prompts(loaded.tokenizer, max(spec["counts"].values()), spec["prompt_len"])
 for seqs in spec["counts"]:  # warm up every batch shape that is timed, not just one
     bench.run_engine(loaded, prompts[:min(int(seqs), 2)], 4, int(seqs))

@@ -1,4 +1,5 @@
-"""The CPU kernels in model/kernels/cpu/ (quantized matmul, paged attention): built on this machine, loaded
+"""The CPU kernels in model/kernels/cpu/ (quantized matmul, paged attention, the glue between them): built on
+this machine, loaded
 as torch ops (torch.ops.kvserve.*).
 
 Why built here: they are compiled with -march=native for this CPU's vector units (AVX-512 VNNI where it has
@@ -23,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("qmatmul.cpp", "attention.cpp")
+SOURCES = ("qmatmul.cpp", "attention.cpp", "fused.cpp")
 LIBRARY = "kvserve_cpu_kernels.so"
 
 

@@ -246,6 +246,17 @@ def _attend_native(q, kv_cache: KVCache, meta: AttentionMetadata, scale: float) 
                                              meta.positions, rows.block_size, scale, meta.sliding_window or 0)
 
 
+def native_rotary_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                            meta: AttentionMetadata, kv_cache: KVCache, scale: float, num_heads: int) -> torch.Tensor:
+    """The fused QKV projection's output -> (T, nh, hd) in one native op: RoPE on q and k, the K/V cache
+    write, attention (no RoPE: rope None)."""
+    cos, sin = rope if rope is not None else (qkv.new_empty(0), qkv.new_empty(0))
+    rows = meta.native
+    return torch.ops.kvserve.rotary_paged_attention(qkv.contiguous(), cos, sin, *kv_cache, meta.slot_mapping,
+                                                    rows.block_tables, rows.token_rows, meta.positions,
+                                                    rows.block_size, scale, meta.sliding_window or 0, num_heads)
+
+
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """cache rows at `slots`, shaped like slots + (n_kv, hd). index_select on the flat slot list is a
     plain row copy, much cheaper for these small gathers than advanced indexing."""

@@ -11,7 +11,8 @@ from model.config import ModelConfig
 from model.kernels.fused import add_rms_norm, rope_store_kv, silu_and_mul
 from model.kernels.gemv import ADD_NORM, SILU_MUL, AddNorm
 from model.kernels.plan import KernelPlan
-from model.network.attention import AttentionMetadata, KVCache, attend_cached, paged_attention, uncached_attention
+from model.network.attention import (AttentionMetadata, KVCache, attend_cached, native_rotary_attention, paged_attention,
+                                     uncached_attention)
 from model.network.rope import RopeScaling, inverse_frequencies
 
 
@@ -33,11 +34,14 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def add_and_norm(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
-                 kernels: KernelPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 kernels: KernelPlan | None, native: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream after adding a sublayer's output (delta None: x as it is), and its
-    normalised copy; one Triton kernel for RMSNorm on the Triton path (`kernels` given)."""
+    normalised copy; one Triton kernel for RMSNorm on the Triton path (`kernels` given), one native CPU op
+    on the native path (`native`: the step's attention metadata is the native kernel's)."""
     if kernels is not None and isinstance(norm, RMSNorm):
         return add_rms_norm(x, delta, norm.weight, norm.eps)
+    if native and isinstance(norm, RMSNorm):
+        return torch.ops.kvserve.add_rms_norm(x, delta, norm.weight, norm.eps)
     if delta is not None:
         x = x + delta
     return x, norm(x)
@@ -52,12 +56,12 @@ def project(layer: nn.Module, x: torch.Tensor, kernels: KernelPlan | None) -> to
 
 
 def norm_project(norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None, layer: nn.Module,
-                 kernels: KernelPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 kernels: KernelPlan | None, native: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, layer(norm(x + delta))); on the Triton path an RMSNorm before a plain nn.Linear can be
     one kernel (the KernelPlan's, where start-up timing found that faster)."""
     if kernels is not None and isinstance(norm, RMSNorm) and type(layer) is nn.Linear:
         return kernels.add_norm_linear(x, AddNorm(delta, norm.weight, norm.eps), layer.weight, layer.bias)
-    x, h = add_and_norm(norm, x, delta, kernels)
+    x, h = add_and_norm(norm, x, delta, kernels, native)
     return x, project(layer, h, kernels)
 
 
@@ -130,7 +134,9 @@ class Attention(nn.Module):
         cfg = self.config
         if self.q_norm is not None:
             qkv = self._norm_qk(qkv)
-        if meta.triton_attention and rope is not None and kv_cache is not None:
+        if meta.native is not None and kv_cache is not None:
+            out = native_rotary_attention(qkv, rope, meta, kv_cache, self.scale, cfg.num_heads)
+        elif meta.triton_attention and rope is not None and kv_cache is not None:
             q, k, v = rope_store_kv(qkv, *rope, meta.slot_mapping, kv_cache, cfg.num_heads, cfg.num_kv_heads,
                                     cfg.head_dim)
             out = attend_cached(q, k, v, kv_cache, meta, self.scale)
@@ -170,12 +176,14 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor, kernels: KernelPlan | None = None) -> torch.Tensor:
         return self.down(project(self.up_proj, x, kernels), kernels)
 
-    def down(self, h: torch.Tensor, kernels: KernelPlan | None) -> torch.Tensor:
+    def down(self, h: torch.Tensor, kernels: KernelPlan | None, native: bool = False) -> torch.Tensor:
         """The activation of the up projection's output h, through the down projection."""
         if self.activation == "swiglu" and kernels is not None and type(self.down_proj) is nn.Linear:
             return kernels.silu_mul_linear(h, self.down_proj.weight, self.down_proj.bias)
         if self.activation == "swiglu" and kernels is not None:
             h = silu_and_mul(h)
+        elif self.activation == "swiglu" and native:
+            h = torch.ops.kvserve.silu_mul(h)
         elif self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
@@ -201,10 +209,11 @@ class DecoderBlock(nn.Module):
         """Returns (residual stream, pending): a pre-norm block leaves its feed-forward output for the
         next norm to add (one fused add+norm kernel on GPU); a post-norm block's output is final."""
         if self.pre_norm:
-            x, qkv = norm_project(self.attn_norm, x, pending, self.attn.qkv_proj, kernels)
+            native = meta.native is not None
+            x, qkv = norm_project(self.attn_norm, x, pending, self.attn.qkv_proj, kernels, native)
             attended = self.attn.attend(qkv, rope, meta, kv_cache, kernels)
-            x, up = norm_project(self.ffn_norm, x, attended, self.ffn.up_proj, kernels)
-            return x, self.ffn.down(up, kernels)
+            x, up = norm_project(self.ffn_norm, x, attended, self.ffn.up_proj, kernels, native)
+            return x, self.ffn.down(up, kernels, native)
         x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache, kernels))
         return self.ffn_norm(x + self.ffn(x, kernels)), None
 

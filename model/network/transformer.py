@@ -74,7 +74,7 @@ class Transformer(nn.Module):
         if self.final_norm is None:
             return project(self.lm_head, x, kernels).float()
         return norm_project(self.final_norm, x, None if pending is None else pending[rows], self.lm_head,
-                            kernels)[1].float()
+                            kernels, meta.native is not None)[1].float()
 
     def fused_projections(self) -> list[tuple[str, nn.Module]]:
         """(kind, projection) pairs whose input model/kernels/gemv.py can compute as it loads it, for

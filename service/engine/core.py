@@ -33,7 +33,8 @@ log = logging.getLogger("kvserve.engine")
 
 class EngineCore:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, events: EngineEvents):
-        cache = plan_cache(loaded, config.block_size, config.kv_cache_memory, config.gpu_memory_utilization)
+        cache = plan_cache(loaded, config.block_size, config.kv_cache_memory, config.gpu_memory_utilization,
+                           config.kv_cache_dtype)
         self.max_model_len = min(config.max_model_len or loaded.config.max_position, loaded.config.max_position)
         self.runner = Runner(loaded, cache, seed=config.seed, cuda_graphs=config.cuda_graphs,
                              max_batch=config.max_num_seqs, max_model_len=self.max_model_len)

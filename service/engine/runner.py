@@ -25,6 +25,7 @@ class CacheSize:
     num_blocks: int
     block_size: int
     bytes_per_block: int
+    dtype: torch.dtype  # of the cached keys and values
 
     @property
     def num_tokens(self) -> int:
@@ -36,9 +37,14 @@ class CacheSize:
 
 
 def plan_cache(loaded: LoadedModel, block_size: int, kv_cache_memory: int | None,
-               gpu_memory_utilization: float) -> CacheSize:
+               gpu_memory_utilization: float, kv_cache_dtype: str = "auto") -> CacheSize:
     """How many blocks fit: a byte budget on CPU (or when given), a fraction of free memory on GPU."""
-    per_block = kv_cache_bytes_per_block(loaded.config, block_size, loaded.dtype)
+    dtype = loaded.dtype if kv_cache_dtype == "auto" else getattr(torch, kv_cache_dtype)
+    if dtype != loaded.dtype and loaded.device.type != "cpu":
+        # The GPU's kernels read K/V in the model's dtype; only the CPU's native kernel converts as it reads.
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype} differs from the model's {loaded.dtype}: "
+                         "CPU only (on a GPU use --dtype)")
+    per_block = kv_cache_bytes_per_block(loaded.config, block_size, dtype)
     if kv_cache_memory is None and loaded.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(loaded.device)
         used = total - free
@@ -49,7 +55,7 @@ def plan_cache(loaded: LoadedModel, block_size: int, kv_cache_memory: int | None
     if num_blocks < 1:
         raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes is less than one KV block "
                          f"({per_block} bytes)")
-    return CacheSize(int(num_blocks), block_size, per_block)
+    return CacheSize(int(num_blocks), block_size, per_block, dtype)
 
 
 class Runner:
@@ -64,7 +70,7 @@ class Runner:
         use_graphs = cuda_graphs and self.kernels is not None
         # Graphs need one scratch block for their padding rows, past the blocks the engine hands out.
         self.kv_caches = allocate_kv_cache(loaded.config, cache.num_blocks + use_graphs, cache.block_size,
-                                           loaded.dtype, loaded.device)
+                                           cache.dtype, loaded.device)
         self.graphs = None
         if use_graphs:
             max_len = max_model_len or loaded.config.max_position
@@ -73,7 +79,7 @@ class Runner:
             self.graphs.capture_all()
         self.sampler = Sampler(loaded.config.vocab_size, seed=seed)
         log.info("KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%s, %s, decode %s)", cache.num_blocks,
-                 cache.block_size, cache.num_tokens, cache.num_bytes / 2**20, loaded.dtype, self.device,
+                 cache.block_size, cache.num_tokens, cache.num_bytes / 2**20, cache.dtype, self.device,
                  "CUDA graphs" if self.graphs else "eager")
 
     def _generator(self, seq: Sequence, position: int) -> torch.Generator | None:

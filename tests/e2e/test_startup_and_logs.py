@@ -46,6 +46,7 @@ def test_a_model_that_cannot_load_exits_at_once_with_one_line(model, cause):
     ("max_num_seqs", [], {"KVSERVE_MAX_NUM_SEQS": "abc"}, "'abc'"),
     ("quantization", ["--quantization", "int8"], {}, "'int8'"),
     ("max_num_seqs", ["--max-num-seqs", "0"], {}, "'0'"),
+    ("kv_cache_dtype", [], {"KVSERVE_KV_CACHE_DTYPE": "fp8"}, "'fp8'"),
 ])
 def test_a_bad_setting_is_one_line_naming_flag_variable_and_value(name, flags, env, value):
     proc = run_serve(*flags, env=env, timeout=60)

@@ -1,7 +1,7 @@
 """The default CPU configuration (what `kvserve serve` loads: int4 codes on the native kernels, float32
 activations) is deterministic: a request's tokens and logprobs are bitwise the same alone, repeated with its
 prefix cached, with its prompt chunked differently, and batched with 64 other requests; seeded sampling too.
-With SmolLM2 and with a tiny random model."""
+With SmolLM2 and with a tiny random model; with a bfloat16 KV cache too."""
 from __future__ import annotations
 
 import pytest
@@ -10,11 +10,14 @@ import torch
 from model.config import tiny
 from model.loading import LoadedModel, build_model, load_model
 from model.loading.weights import random_weights
+from model.network.attention import kv_cache_bytes_per_block
 from model.quantization.native_codes import NativeQuantizedLinear
 from model.quantization.quantize import quantize_model
+from service.engine.config import EngineConfig
+from service.engine.engine import Engine
 from service.engine.request import SamplingParams
 from service.settings import Settings
-from tests.engine.engine_helpers import Collector, generate, greedy, make_engine, random_prompt
+from tests.engine.engine_helpers import BLOCK_SIZE, Collector, generate, greedy, make_engine, random_prompt
 
 MAX_TOKENS = 12
 CROWD = 64
@@ -97,3 +100,16 @@ def test_smollm2_seeded_sampling_is_deterministic_on_the_default_path(default_sm
 def test_tiny_int4_model_is_deterministic(tiny_int4, params):
     prompts = {f"p{i}": random_prompt(i, n) for i, n in enumerate([5, 40, 77, 130, 300])}
     check_every_arrangement(tiny_int4, prompts, params)
+
+
+def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_stays_deterministic(tiny_int4):
+    memory = 64 * kv_cache_bytes_per_block(tiny_int4.config, BLOCK_SIZE, torch.float32)
+    engines = [Engine(tiny_int4, EngineConfig(block_size=BLOCK_SIZE, kv_cache_memory=memory, kv_cache_dtype=dtype))
+               for dtype in ("auto", "bfloat16")]
+    assert [e.core.blocks.num_blocks for e in engines] == [64, 128]
+    assert engines[1].core.runner.kv_caches[0][0].dtype == torch.bfloat16
+    prompts = {f"p{i}": random_prompt(i, n) for i, n in enumerate([9, 70, 200])}
+    params = greedy(12, logprobs=0)
+    alone = _collected({k: v for name, ids in prompts.items()
+                        for k, v in generate(engines[1], {name: ids}, params).results.items()})
+    assert_identical(alone, generate(engines[1], prompts, params), prompts)

@@ -1,13 +1,16 @@
 """The native CPU kernels (model/kernels/cpu/): the quantized matmul against the dequantized float matmul,
-paged attention against the torch reference, and both bitwise independent of which other rows share a call."""
+paged attention (and its fused RoPE + cache write) against the torch layers, the norm and SwiGLU glue against
+torch, and each bitwise independent of which other rows share a call."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.kernels import native
-from model.network.attention import AttentionMetadata, paged_attention
+from model.network.attention import AttentionMetadata, native_rotary_attention, paged_attention
+from model.network.layers import apply_rope
 from model.quantization.int4 import GROUP_SIZE, quantize_groups, quantize_groups_int8
 from model.quantization.native_codes import NativeQuantizedLinear
 
@@ -128,3 +131,44 @@ def test_native_attention_of_a_token_does_not_depend_on_its_step():
                             [ctx], None, True)
             assert torch.equal(second, together[later]), i
         start += n
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_the_glue_ops_match_torch_and_compute_each_row_alone(dtype, tol):
+    gen = torch.Generator().manual_seed(9)
+    x, delta, h = (torch.randn(rows, width, generator=gen).to(dtype) for rows, width in ((40, 576), (40, 576), (40, 3072)))
+    weight = torch.rand(576, generator=gen) + 0.5
+    total, normed = torch.ops.kvserve.add_rms_norm(x, delta, weight, 1e-5)
+    expected_total = (x.float() + delta.float()).to(dtype)
+    assert torch.equal(total, expected_total)
+    expected = F.rms_norm(expected_total.float(), (576,), weight, 1e-5)
+    torch.testing.assert_close(normed.float(), expected, rtol=tol, atol=tol)
+    gate, up = h.float().chunk(2, dim=-1)
+    torch.testing.assert_close(torch.ops.kvserve.silu_mul(h).float(), F.silu(gate) * up, rtol=tol, atol=tol)
+    for rows in (slice(0, 1), slice(7, 30)):
+        assert torch.equal(torch.ops.kvserve.add_rms_norm(x[rows], delta[rows], weight, 1e-5)[1], normed[rows])
+        assert torch.equal(torch.ops.kvserve.silu_mul(h[rows]), torch.ops.kvserve.silu_mul(h)[rows])
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_rotary_attention_rotates_writes_and_attends_as_the_torch_layers_do(rope):
+    query_lens, context_lens = [1, 37, 5], [50, 37, 70]
+    tables, cache, *_ , block = cached_step(query_lens, context_lens, torch.float32, torch.float32, None)
+    t, nh, n_kv, hd = sum(query_lens), 9, 3, 64
+    qkv = torch.randn(t, (nh + 2 * n_kv) * hd, generator=torch.Generator().manual_seed(4))
+    angles = torch.rand(t, hd // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block, native_attention=True)
+    native_cache = tuple(c.clone() for c in cache)
+    got = native_rotary_attention(qkv, (cos[:, None], sin[:, None]) if rope else None, meta, native_cache,
+                                  hd ** -0.5, nh)
+    qk = qkv[:, : (nh + n_kv) * hd].view(t, nh + n_kv, hd)
+    if rope:
+        qk = apply_rope(qk, cos[:, None], sin[:, None])
+    v = qkv[:, (nh + n_kv) * hd:].view(t, n_kv, hd)
+    torch_cache = tuple(c.clone() for c in cache)
+    reference = AttentionMetadata.build(query_lens, context_lens, tables, block, native_attention=False)
+    expected = paged_attention(qk[:, :nh], qk[:, nh:], v, torch_cache, reference, hd ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+    for ours, theirs in zip(native_cache, torch_cache):  # the same K/V written to the same slots
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)

@@ -47,22 +47,6 @@ struct Task {
 };
 
 #if KVSERVE_AVX512
-// e^x for a vector: 2^(x log2 e) as 2^n * 2^f, f in [-0.5, 0.5], a degree-6 polynomial for 2^f.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // r[i] = the sum of a[i]'s 16 lanes, by one fixed tree for every i (pairs within 128-bit lanes, then across).
 inline __m512 reduce16(const __m512* a) {
   __m512 b[8], c[4], d[2];
@@ -225,10 +209,70 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
+// out = x rotated by RoPE in the half-split layout (x * cos + rotate_half(x) * sin); a copy without cos.
+template <typename In, typename Out, typename C>
+inline void rotate(const In* x, const C* cos, const C* sin, int64_t hd, Out* out) {
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < hd; ++d) {
+    float v = static_cast<float>(x[d]);
+    if (cos) {
+      const float other = d < half ? -static_cast<float>(x[d + half]) : static_cast<float>(x[d - half]);
+      v = v * static_cast<float>(cos[d]) + other * static_cast<float>(sin[d]);
+    }
+    out[d] = static_cast<Out>(v);
+  }
+}
+
+// The fused QKV projection's output (T, (heads + 2 kv_heads) * hd) -> attention output (T, heads, hd): q and
+// k rotated (cos and sin (T, hd) in qkv's dtype; empty for a model without RoPE), k and v written to the
+// caches at slot_mapping, then every token attended as paged_attention does.
+at::Tensor rotary_paged_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                  const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                                  const at::Tensor& token_seq, const at::Tensor& token_pos, int64_t block_size,
+                                  double scale, int64_t window, int64_t heads) {
+  const int64_t T = qkv.size(0), n_kv = k_cache.size(1), hd = k_cache.size(2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (heads + 2 * n_kv) * hd,
+              "qkv must be a contiguous (T, (heads + 2 kv_heads) * head_dim)");
+  const bool rope = cos.numel() > 0;
+  TORCH_CHECK(!rope || (cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * hd &&
+                        sin.numel() == T * hd && cos.scalar_type() == qkv.scalar_type() &&
+                        sin.scalar_type() == qkv.scalar_type()), "cos/sin: (T, head_dim) in qkv's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == T, "slot_mapping: (T,) int64");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16, "cache dtype");
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, "qkv: float32 or bfloat16");
+  at::Tensor q = at::empty({T, heads, hd}, qkv.options());
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  dispatch_float_or_bf16(qkv.scalar_type(), [&](auto q_zero) {
+    dispatch_float_or_bf16(k_cache.scalar_type(), [&](auto kv_zero) {
+      using Q = decltype(q_zero);
+      using KV = decltype(kv_zero);
+      at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const Q* row = qkv.data_ptr<Q>() + t * qkv.size(1);
+          const Q* c = rope ? cos.data_ptr<Q>() + t * hd : nullptr;
+          const Q* s = rope ? sin.data_ptr<Q>() + t * hd : nullptr;
+          for (int64_t h = 0; h < heads; ++h) rotate(row + h * hd, c, s, hd, q.data_ptr<Q>() + (t * heads + h) * hd);
+          for (int64_t j = 0; j < n_kv; ++j) {
+            const int64_t at = (slots[t] * n_kv + j) * hd;
+            rotate(row + (heads + j) * hd, c, s, hd, k_cache.data_ptr<KV>() + at);
+            rotate<Q, KV, Q>(row + (heads + n_kv + j) * hd, nullptr, nullptr, hd, v_cache.data_ptr<KV>() + at);
+          }
+        }
+      });
+    });
+  });
+  return paged_attention(q, k_cache, v_cache, block_tables, token_seq, token_pos, block_size, scale, window);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvserve, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_seq, "
         "Tensor token_pos, int block_size, float scale, int window) -> Tensor");
   m.impl("paged_attention", c10::DispatchKey::CPU, TORCH_FN(paged_attention));
+  m.def("rotary_paged_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping, Tensor block_tables, Tensor token_seq, Tensor token_pos, int block_size, "
+        "float scale, int window, int heads) -> Tensor");
+  m.impl("rotary_paged_attention", c10::DispatchKey::CPU, TORCH_FN(rotary_paged_attention));
 }
