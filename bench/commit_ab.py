@@ -225,7 +225,8 @@ def report(raw: list[dict], checkouts: list[Checkout], revs: dict, spec: dict, h
     lines = [f"# kvserve commit A/B: {checkouts[0].label} vs {checkouts[1].label} ({time.strftime('%Y-%m-%d')})",
              "", *sides, "", *header, "",
              f"{len(raw)} round(s), order alternating; engine: distinct {spec['prompt_len']}-token prompts x "
-             f"{spec['output_len']} output tokens, greedy, EOS ignored, bfloat16 + int4 on CPU; HTTP: "
+             f"{spec['output_len']} output tokens, greedy, EOS ignored, each side's own CPU defaults (its "
+             "Settings: dtype, quantization); HTTP: "
              f"1 warm-up + {spec['http_requests']} streamed /v1/completions, one at a time, tok/s = output "
              "tokens / (request sent -> last token), per-round value = median over requests.", "",
              *summary_table(raw, spec), "", "## Raw rounds", "", *raw_table(raw, spec)]

@@ -20,8 +20,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = {"PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin 10k (kvserve default)": {"GOMP_SPINCOUNT": "10000"}}
-INT4 = "int4 (8-bit head) + bfloat16"
-FORMATS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), INT4: ("bfloat16", "int4")}
+DEFAULT = "int4 native kernels + float32 (kvserve default)"
+# name -> (dtype, quantization, whether the native CPU kernels may load)
+FORMATS = {"float32": ("float32", None, False), "bfloat16": ("bfloat16", None, False),
+           "int4 torch kernels (8-bit head) + bfloat16": ("bfloat16", "int4", False),
+           DEFAULT: ("float32", "int4", True)}
 
 
 def measure(dtype: str, quantization: str | None) -> dict[int, float]:
@@ -51,10 +54,10 @@ def measure(dtype: str, quantization: str | None) -> dict[int, float]:
 
 def run_child(fmt: str, policy: str, busy: bool) -> dict[int, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    env.update(POLICIES[policy], PYTHONPATH=str(ROOT))
+    env.update(POLICIES[policy], PYTHONPATH=str(ROOT), KVSERVE_NATIVE_KERNELS=str(int(FORMATS[fmt][2])))
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(FORMATS[fmt])], env=env,
+        out = subprocess.run([sys.executable, __file__, "--child", json.dumps(FORMATS[fmt][:2])], env=env,
                              capture_output=True, text=True, check=True, timeout=600).stdout
     finally:
         if competitor is not None:
@@ -74,7 +77,7 @@ def main() -> None:
         return
     rows, load = [], os.getloadavg()[0]
     for busy in (False, True):
-        for fmt in FORMATS if not busy else [INT4]:
+        for fmt in FORMATS if not busy else [DEFAULT]:
             for policy in POLICIES:
                 speeds = run_child(fmt, policy, busy)
                 rows.append(f"| {fmt} | {policy} | {'one busy process' if busy else 'idle'} | "

@@ -17,14 +17,14 @@ from model.quantization.int4 import GROUP_SIZE, quantize_groups, quantize_groups
 COLUMNS = 16  # output columns per block of the kernel's layout
 
 
-def pack_columns(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                 bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_columns(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                 bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """codes (n, k), 0..15 for 4 bits, -127..127 for 8, w = scale * code + offset per group of 32 -> the
     kernel's (codes, scale, offset): columns in blocks of 16 (the last padded with zero columns), inputs in
-    pairs, see qmatmul.cpp for the order."""
+    pairs, scale and offset as float16 (GGUF's own precision for them), see qmatmul.cpp for the order."""
     n, k = codes.shape
     groups, pad = k // GROUP_SIZE, -n % COLUMNS
-    codes, scale, offset = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scale.float(), offset.float()))
+    codes, scale = F.pad(codes, (0, 0, 0, pad)), F.pad(scale.float(), (0, 0, 0, pad))
     blocks = (n + pad) // COLUMNS
     c = codes.to(torch.int8).view(torch.uint8).reshape(blocks, COLUMNS, groups, GROUP_SIZE)
     if bits == 4:  # input 16 * half + 2 * q + j of a group: half 0 in the low nibble, half 1 in the high one
@@ -32,14 +32,16 @@ def pack_columns(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
         c = c[:, :, 0] | (c[:, :, 1] << 4)
     else:  # input 2 * p + j of a group
         c = c.reshape(blocks, COLUMNS, groups, 16, 2).permute(0, 2, 3, 1, 4)  # (blk, g, p, col, j)
-    by_block = [t.reshape(blocks, COLUMNS, groups).transpose(1, 2).contiguous() for t in (scale, offset)]
-    return c.reshape(blocks, groups, -1).contiguous(), *by_block
+    def by_block(t: torch.Tensor) -> torch.Tensor:
+        return t.half().reshape(blocks, COLUMNS, groups).transpose(1, 2).contiguous()
+    offset = None if offset is None else by_block(F.pad(offset.float(), (0, 0, 0, pad)))
+    return c.reshape(blocks, groups, -1).contiguous(), by_block(scale), offset
 
 
 class NativeQuantizedLinear(nn.Module):
     """A bias-optional Linear as group codes, computed by torch.ops.kvserve.quantized_matmul."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
                  bias: torch.Tensor | None = None):
         super().__init__()
         self.bits, (self.out_features, self.in_features) = bits, codes.shape
@@ -48,6 +50,9 @@ class NativeQuantizedLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
+        # The kernel's operands as one plain attribute: a decode step calls ~120 of these layers, and each
+        # buffer read through nn.Module.__getattr__ costs more than the call's own Python.
+        self.operands = (self.codes, self.scale, self.offset, self.bias, bits, self.out_features)
 
     @classmethod
     def int4(cls, linear: nn.Linear) -> NativeQuantizedLinear:
@@ -61,13 +66,12 @@ class NativeQuantizedLinear(nn.Module):
         """Q8_0: w = scale * c, c in -127..127."""
         _check_width(linear)
         codes, scale = quantize_groups_int8(linear.weight.detach())
-        return cls(codes, scale, torch.zeros_like(scale), 8, linear.bias)
+        return cls(codes, scale, None, 8, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.bfloat16):
             x = x.float()
-        return torch.ops.kvserve.quantized_matmul(x.contiguous(), self.codes, self.scale, self.offset, self.bias,
-                                                  self.bits, self.out_features)
+        return torch.ops.kvserve.quantized_matmul(x.contiguous(), *self.operands)
 
     def _apply(self, fn, recurse=True):
         # The codes and float32 scales are the kernel's operands on the CPU: model.to(dtype) or .to(device)
@@ -76,6 +80,28 @@ class NativeQuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token embedding as 8-bit group codes (Q8_0, as SmolLM2's file stores its token_embd, so its own
+    codes): a lookup dequantizes only the rows it reads, and the table takes a quarter of float32's memory.
+    The rows come out in the model's dtype (that of the empty `like` buffer, which model.to() converts)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        codes, scale = quantize_groups_int8(embedding.weight.detach())
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("like", torch.empty(0, dtype=embedding.weight.dtype), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.codes[ids].float().view(*ids.shape, -1, GROUP_SIZE) * self.scale[ids][..., None]
+        return rows.view(*ids.shape, self.embedding_dim).to(self.like.dtype)
+
+    def _apply(self, fn, recurse=True):
+        self.like = fn(self.like)  # the codes stay as they are, as NativeQuantizedLinear's do
+        return self
 
 
 def _check_width(linear: nn.Linear) -> None:

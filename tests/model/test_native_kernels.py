@@ -22,13 +22,14 @@ def kernels_built():
 
 
 def dequantized(layer_bits: int, weight: torch.Tensor) -> torch.Tensor:
+    """The weights the layer computes with: its codes, scales and minimums rounded to float16 as it keeps them."""
     n, k = weight.shape
     if layer_bits == 4:
         codes, scale, low = quantize_groups(weight)
-        groups = codes.reshape(n, -1, GROUP_SIZE) * scale[..., None] + low[..., None]
+        groups = codes.reshape(n, -1, GROUP_SIZE) * scale.half().float()[..., None] + low.half().float()[..., None]
     else:
         codes, scale = quantize_groups_int8(weight)
-        groups = codes.reshape(n, -1, GROUP_SIZE) * scale[..., None]
+        groups = codes.reshape(n, -1, GROUP_SIZE) * scale.half().float()[..., None]
     return groups.reshape(n, k)
 
 

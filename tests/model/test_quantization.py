@@ -13,7 +13,7 @@ from model.config import tiny
 from model.loading import build_model, load_model
 from model.quantization.int4 import (DENSE_FROM_TOKENS, GROUP_SIZE, HEAD_CODES_MAX_ROWS, Int4Linear, Int8Head,
                                      quantize_groups, quantize_groups_int8)
-from model.quantization.native_codes import NativeQuantizedLinear
+from model.quantization.native_codes import NativeQuantizedLinear, QuantizedEmbedding
 from model.quantization.quantize import quantize_model
 from model.loading.weights import random_weights
 from tests.model.test_smollm2_reference import NUM_NEW, PROMPTS, first_divergence, generate_packed
@@ -82,6 +82,17 @@ def test_quantize_model_swaps_only_the_block_projections_and_the_head(on_native)
     assert type(model.lm_head) is head
     assert on_native or model.lm_head.weight is model.embed_tokens.weight
     assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 0
+    assert type(model.embed_tokens) is (QuantizedEmbedding if on_native else nn.Embedding)
+
+
+def test_quantized_embedding_gives_back_q8_0_rows_in_the_models_dtype():
+    weight, codes = q8_0_weight(100, 64, seed=2)
+    embedding = nn.Embedding(100, 64)
+    embedding.weight.data.copy_(weight)
+    quantized = QuantizedEmbedding(embedding)
+    ids = torch.tensor([3, 99, 3, 0])
+    torch.testing.assert_close(quantized(ids), weight[ids], rtol=1e-6, atol=0)
+    assert quantized.codes.dtype == torch.int8 and quantized.to(torch.bfloat16)(ids).dtype == torch.bfloat16
 
 
 def q8_0_weight(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,8 @@
 //   codes  uint8 (blocks, groups, bytes): for each (block, group), 4-bit: 8 runs of 32 bytes, byte 2*c+j of
 //          run q holds column c's codes for inputs 2q+j (low nibble) and 16+2q+j (high nibble), unsigned;
 //          8-bit: 16 runs of 32 bytes, byte 2*c+j of run p holds column c's code for input 2p+j, signed.
-//   scale, offset float (blocks, groups, 16): w = scale * code + offset.
+//   scale, offset float16 (blocks, groups, 16), as GGUF stores them: w = scale * code + offset; no offset
+//          (an empty tensor) for symmetric 8-bit codes, which saves its reads.
 // Per group: sum_k w x = scale * x_scale * dot(code, x_code) + offset * x_sum, where x_sum = x_scale * sum(x_code).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -47,8 +48,8 @@ void quantize_rows(const T* x, int64_t rows, int64_t K, int16_t* codes, float* s
 
 // One tile: R rows by one column block, every group; acc[r][c] is output (row r, column c).
 template <int R, int BITS>
-inline void tile(const QuantizedRows& xq, int64_t row, int64_t K, const uint8_t* codes, const float* scale,
-                 const float* offset, float acc[R][kCols]) {
+inline void tile(const QuantizedRows& xq, int64_t row, int64_t K, const uint8_t* codes, const c10::Half* scale,
+                 const c10::Half* offset, float acc[R][kCols]) {
   const int64_t G = K / kGroup;
   constexpr int64_t kBytes = BITS * kGroup * kCols / 8;
 #if KVSERVE_AVX512
@@ -77,13 +78,13 @@ inline void tile(const QuantizedRows& xq, int64_t row, int64_t K, const uint8_t*
         }
       }
     }
-    const __m512 s = _mm512_loadu_ps(scale + g * kCols);
-    const __m512 o = _mm512_loadu_ps(offset + g * kCols);
+    const __m512 s = load_half16(scale + g * kCols);
+    const __m512 o = offset ? load_half16(offset + g * kCols) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
       const int64_t xg = (row + r) * G + g;
       const __m512 ws = _mm512_mul_ps(s, _mm512_set1_ps(xq.scale[xg]));
       facc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), ws, facc[r]);
-      facc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xq.sum[xg]), facc[r]);
+      if (offset) facc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xq.sum[xg]), facc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc[r], facc[r]);
@@ -106,9 +107,9 @@ inline void tile(const QuantizedRows& xq, int64_t row, int64_t K, const uint8_t*
             }
           }
         }
-        const float ws = scale[g * kCols + c] * xq.scale[xg];
+        const float ws = float(scale[g * kCols + c]) * xq.scale[xg];
         acc[r][c] = std::fma(float(dot), ws, acc[r][c]);
-        acc[r][c] = std::fma(offset[g * kCols + c], xq.sum[xg], acc[r][c]);
+        if (offset) acc[r][c] = std::fma(float(offset[g * kCols + c]), xq.sum[xg], acc[r][c]);
       }
     }
   }
@@ -129,11 +130,12 @@ inline void store_rows(const float (*acc)[kCols], int rows, T* out, int64_t ldo,
 // Rows [row, end) by column block `block`: tiles of 8 rows, then 4, 2, 1 (each output's sum is the same).
 template <int BITS, typename T>
 void multiply_block(const QuantizedRows& xq, int64_t row, int64_t end, int64_t K, const uint8_t* codes,
-                    const float* scale, const float* offset, int64_t block, T* out, int64_t N, const float* bias) {
+                    const c10::Half* scale, const c10::Half* offset, int64_t block, T* out, int64_t N,
+                    const float* bias) {
   const int64_t G = K / kGroup;
   const uint8_t* w = codes + block * G * (BITS * kGroup * kCols / 8);
-  const float* s = scale + block * G * kCols;
-  const float* o = offset + block * G * kCols;
+  const c10::Half* s = scale + block * G * kCols;
+  const c10::Half* o = offset ? offset + block * G * kCols : nullptr;
   float acc[8][kCols];
   while (row < end) {
     const int64_t left = end - row;
@@ -149,12 +151,12 @@ void multiply_block(const QuantizedRows& xq, int64_t row, int64_t end, int64_t K
 
 template <int BITS, typename T>
 void multiply(const QuantizedRows& xq, int64_t M, int64_t K, const at::Tensor& codes, const at::Tensor& scale,
-              const at::Tensor& offset, const float* bias, T* out, int64_t N) {
+              const std::optional<at::Tensor>& offset, const float* bias, T* out, int64_t N) {
   const int64_t blocks = codes.size(0);
   const int64_t row_chunks = (M + kRowsPerTask - 1) / kRowsPerTask;
   const uint8_t* w = codes.data_ptr<uint8_t>();
-  const float* s = scale.data_ptr<float>();
-  const float* o = offset.data_ptr<float>();
+  const c10::Half* s = scale.data_ptr<c10::Half>();
+  const c10::Half* o = offset ? offset->data_ptr<c10::Half>() : nullptr;
   at::parallel_for(0, blocks * row_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / row_chunks, chunk = task % row_chunks;
@@ -165,7 +167,7 @@ void multiply(const QuantizedRows& xq, int64_t M, int64_t K, const at::Tensor& c
 }
 
 at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                            const at::Tensor& offset, const std::optional<at::Tensor>& bias, int64_t bits,
+                            const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias, int64_t bits,
                             int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (rows, in_features) matrix");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
@@ -173,7 +175,10 @@ at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& codes, const 
   const int64_t M = x.size(0), K = x.size(1), G = K / kGroup;
   TORCH_CHECK(K % kGroup == 0 && codes.dim() == 3 && codes.size(1) == G &&
               codes.size(2) == bits * kGroup * kCols / 8, "codes do not match x's width");
-  TORCH_CHECK(codes.size(0) * kCols >= out_features && scale.sizes() == offset.sizes(), "bad scale/offset");
+  TORCH_CHECK(codes.size(0) * kCols >= out_features && scale.scalar_type() == at::kHalf &&
+              scale.numel() == codes.size(0) * G * kCols && scale.is_contiguous(), "scale: float16 (blocks, groups, 16)");
+  TORCH_CHECK(!offset || (offset->sizes() == scale.sizes() && offset->scalar_type() == at::kHalf &&
+                          offset->is_contiguous()), "offset: shaped and typed like scale");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == out_features), "bias: float (N,)");
   at::Tensor out = at::empty({M, out_features}, x.options());
   if (M == 0) return out;
@@ -198,7 +203,7 @@ at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& codes, const 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvserve, m) {
-  m.def("quantized_matmul(Tensor x, Tensor codes, Tensor scale, Tensor offset, Tensor? bias, int bits, "
+  m.def("quantized_matmul(Tensor x, Tensor codes, Tensor scale, Tensor? offset, Tensor? bias, int bits, "
         "int out_features) -> Tensor");
   m.impl("quantized_matmul", c10::DispatchKey::CPU, TORCH_FN(quantized_matmul));
 }
