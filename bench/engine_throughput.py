@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import machine  # noqa: E402
 from model.loading import load_model  # noqa: E402
 from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
@@ -88,12 +88,6 @@ def run_transformers(python: str, prompts) -> dict:
     return {f"batch {k}": v for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.2f} at start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2")
@@ -107,7 +101,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    lines = [f"Machine: {machine()}", "",
+    lines = [f"Machine: {machine()}, load average {os.getloadavg()[0]:.2f} at start", "",
              f"{args.requests} requests (max_num_seqs 1: {args.requests_at_1}), distinct {args.prompt_len}-token "
              f"prompts, {args.output_len} output tokens each, greedy, EOS ignored; model {args.model}.", "",
              "| engine | dtype | max_num_seqs | output tok/s | seconds |", "|---|---|---|---|---|"]

@@ -78,6 +78,14 @@ def bench(url: str, concurrency: int, seed: int, args: argparse.Namespace, outpu
     return json.loads(output.read_text())
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set so far (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
 def median_summary(runs: list[dict]) -> dict:
     """Per metric, the median over the repeats (each repeat is one `kvserve bench` summary)."""
     summaries = [r["summary"] for r in runs]
@@ -137,6 +145,7 @@ def main() -> None:
                     seed = 1000 * (repeat + 1) + concurrency
                     results[name][concurrency].append(bench(server.url, concurrency, seed, args,
                                                             scratch / f"{name}_c{concurrency}_r{repeat + 1}.json"))
+        rss = {name: peak_rss_mb(server.proc.pid) for name, server in servers.items()}
     kv = {c: median_summary(runs) for c, runs in results["kvserve"].items()}
     peer = {c: median_summary(runs) for c, runs in results["llama-server"].items()}
     report = [f"# kvserve vs llama.cpp llama-server ({started})", "",
@@ -147,7 +156,10 @@ def main() -> None:
               f"clients) requests per level; {args.repeats} rounds, servers alternating, medians shown.",
               f"llama-server (llama-cpp-python {LLAMA_CPP_PYTHON} sdist): -np {slots} -c {512 * slots} "
               f"-t {args.threads} -tb {args.threads} -cb. kvserve: `kvserve serve {' '.join(kv_flags)}` "
-              "(defaults otherwise).", "", *table(kv, peer), "",
+              "(defaults otherwise).",
+              f"Peak RSS over the run (VmHWM): kvserve {rss['kvserve']:.0f} MB, llama-server "
+              f"{rss['llama-server']:.0f} MB (their KV caches: kvserve's default, 1 GiB; llama-server's "
+              f"{512 * slots} tokens in float16).", "", *table(kv, peer), "",
               f"Raw JSON per level: {scratch.name}/ beside this file."]
     args.out.write_text("\n".join(report) + "\n")
     print("\n".join(report))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import service.engine.sampler as sampler_module  # noqa: E402
+from bench.machine import machine  # noqa: E402
 from model.loading import load_model  # noqa: E402
 from service.engine.config import EngineConfig  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
@@ -124,14 +124,6 @@ def measure_ttft(loaded, config: EngineConfig, ids, trials: int) -> dict:
         plain.append(ttft(first_engine, ids, SamplingParams(max_tokens=1)))
     return results | {"new": statistics.median(new), "cached": statistics.median(cached),
                       "plain": statistics.median(plain)}
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return (f"{cpu} ({simd}), {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
-            f"threads), Python {platform.python_version()}")
 
 
 def main() -> None:
