@@ -44,6 +44,8 @@ class EngineConfig:
     # CPU the next step is the CPU's own work, so deferring would only delay every token by a step).
     defer_outputs: bool | None = None
     seed: int = setting(0, "seed of the sampler for requests without their own seed")
+    adaptive_threads: bool = setting(True, "on CPU: time decode steps with every thread and with one, and keep "
+                                     "the faster (on a host where another process is busy, one is ~3x faster)")
     speculative_ngram: int = setting(0, "speculative decoding: up to this many draft tokens a step, looked up "
                                      "in the sequence's own prompt and output (0: off; a request's "
                                      "speculative_ngram overrides it)", ge=0, le=16)

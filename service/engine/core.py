@@ -14,6 +14,8 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import TYPE_CHECKING
 
+import torch
+
 from model.loading import LoadedModel
 from service.engine.block_manager import BlockManager
 from service.engine.config import EngineConfig
@@ -24,6 +26,7 @@ from service.engine.scheduler import ScheduledBatch, Scheduler
 from service.engine.sequence import Sequence, SequenceGroup
 from service.engine.speculative import SpeculativeConfig
 from service.engine.status import EngineEvents, EngineInfo, EngineSnapshot, StepStats
+from service.engine.threads import ThreadTuner
 
 if TYPE_CHECKING:
     from service.engine.structured.compiler import CompiledGrammar
@@ -47,6 +50,8 @@ class EngineCore:
         self.groups: dict[str, SequenceGroup] = {}  # live requests by id
         self.awaiting: list[SequenceGroup] = []  # live requests whose grammar is being compiled
         self.events = events
+        tuned = config.adaptive_threads and loaded.device.type == "cpu"
+        self.threads = ThreadTuner(torch.get_num_threads() if tuned else 1, torch.set_num_threads)
         self.info = EngineInfo(
             model=loaded.source, name=loaded.config.name, architecture=loaded.config.architecture,
             max_model_len=self.max_model_len, vocab_size=loaded.config.vocab_size,
@@ -156,12 +161,15 @@ class EngineCore:
         if not batch:
             self.outputs.flush()
             return
+        decode_only = batch.total_tokens == len(batch.sequences)
+        self.threads.begin(len(batch.sequences), decode_only)
         start = time.perf_counter()
         try:
             tables = [self.blocks.table(seq.seq_id) for seq in batch.sequences]
             rows, pending = self.runner.execute(batch.sequences, batch.num_new_tokens, tables)
             self.outputs.flush()  # the last step's outputs, while the device runs this one
             result = pending.resolve() if pending is not None else None
+            self.threads.end(len(batch.sequences), decode_only, time.perf_counter() - start)
         except Exception as exc:  # a failed step fails only its own sequences
             log.error("step failed:\n%s", traceback.format_exc())
             for seq in batch.sequences:

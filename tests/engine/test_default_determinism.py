@@ -113,3 +113,21 @@ def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_stays_deterministic(tiny
     alone = _collected({k: v for name, ids in prompts.items()
                         for k, v in generate(engines[1], {name: ids}, params).results.items()})
     assert_identical(alone, generate(engines[1], prompts, params), prompts)
+
+
+@pytest.mark.slow
+def test_the_thread_count_does_not_change_results(default_smollm2):
+    """The ThreadTuner may switch between 2 threads and 1 mid-request: each output is computed on one thread."""
+    prompts = smollm2_prompts(default_smollm2.tokenizer)
+    params = greedy(MAX_TOKENS, logprobs=0)
+    one = run(default_smollm2, prompts, params)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = make_engine(default_smollm2, 1024, max_num_seqs=len(prompts))
+        assert engine.core.threads.enabled
+        engine.core.threads.interval = 1  # probe one thread at once, and often
+        two = generate(engine, prompts, params)
+    finally:
+        torch.set_num_threads(before)
+    assert_identical(one, two, prompts)
