@@ -28,10 +28,8 @@ def server():
     """One real kvserve process with the default model (SmolLM2), shared by the end-to-end tests that
     need no special flags. Tests must leave it healthy and idle.
 
-    It runs the exact float32 model, not the CPU default (int4 in bfloat16): several tests send the
-    same prompt twice at once (streamed and not) and compare the answers, which only float32 keeps
-    independent of how requests share a batch. The int4 default is served by the other server tests
-    (drain, overload, auth, the image's entry point)."""
-    with ServerProcess("--max-num-seqs", "32", "--kv-cache-memory", "512MiB", "--quantization", "none",
-                       "--dtype", "float32") as proc:
+    It runs the CPU defaults (int4 on the native kernels): several tests send the same prompt twice at
+    once (streamed and not) and compare the answers, which the default path keeps independent of how
+    requests share a batch (tests/engine/test_default_determinism.py)."""
+    with ServerProcess("--max-num-seqs", "32", "--kv-cache-memory", "512MiB") as proc:
         yield proc

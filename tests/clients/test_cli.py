@@ -81,9 +81,9 @@ def test_generate_refuses_loading_flags_without_local():
 
 
 def test_generate_local_loads_the_model_as_the_server_does(server):
-    # The server's defaults: on a CPU the int4 projections in bfloat16, on a GPU bfloat16 unquantized.
+    # The server's defaults: on a CPU the int4 projections with float32 activations, on a GPU bfloat16 unquantized.
     loaded = "dtype bfloat16, quantization none, device cuda" if torch.cuda.is_available() else \
-        "dtype bfloat16, quantization int4, device cpu"
+        "dtype float32, quantization int4, device cpu"
     local = kvserve("generate", PROMPT, "--local", "--max-tokens", "4", "--stream", env=clean_env())
     assert local.returncode == 0, local.stderr
     assert f"loading model smollm2 ({loaded}" in local.stderr and "4 tokens" in local.stderr
