@@ -18,9 +18,11 @@ from service.engine.engine import Engine
 from service.engine.request import SamplingParams
 from service.settings import Settings
 from tests.engine.engine_helpers import BLOCK_SIZE, Collector, generate, greedy, make_engine, random_prompt
+from tests.native_cpu import needs_native
 
 MAX_TOKENS = 12
 CROWD = 64
+pytestmark = needs_native
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from model.loading import build_model
 from model.loading.weights import random_weights
 from model.network.attention import AttentionMetadata, allocate_kv_cache
 from model.network.transformer import Transformer
+from tests.native_cpu import needs_native
 
 # fp32 on CPU: cached and uncached paths differ only by summation order (~2e-6 on logits of ~2).
 ATOL = 1e-5
@@ -114,7 +115,8 @@ def prefill_then_decode(model, tokens: list[int], prompt_len: int, native_attent
 
 # The CPU attends with the native kernel by default (model/kernels/cpu/attention.cpp); the torch backend is
 # the GPU's without Triton and the CPU's where the kernels do not build.
-BACKENDS = pytest.mark.parametrize("native_attention", [True, False], ids=["native", "torch"])
+NATIVE = pytest.param(True, id="native", marks=needs_native)
+BACKENDS = pytest.mark.parametrize("native_attention", [NATIVE, pytest.param(False, id="torch")])
 
 
 @BACKENDS

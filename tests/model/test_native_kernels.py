@@ -13,7 +13,10 @@ from model.network.attention import AttentionMetadata, native_rotary_attention, 
 from model.network.layers import apply_rope
 from model.quantization.int4 import GROUP_SIZE, quantize_groups, quantize_groups_int8
 from model.quantization.native_codes import NativeQuantizedLinear
+from tests.native_cpu import needs_native
 
+
+pytestmark = needs_native
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -17,6 +17,7 @@ from model.quantization.native_codes import NativeQuantizedLinear, QuantizedEmbe
 from model.quantization.quantize import quantize_model
 from model.loading.weights import random_weights
 from tests.model.test_smollm2_reference import NUM_NEW, PROMPTS, first_divergence, generate_packed
+from tests.native_cpu import needs_native
 
 
 def q4_1_weight(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,7 +72,7 @@ def test_dense_path_computes_with_the_same_weights_as_the_kernel():
     torch.testing.assert_close(layer.dense.float(), weight, rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("on_native", [True, False])
+@pytest.mark.parametrize("on_native", [pytest.param(True, marks=needs_native), False])
 def test_quantize_model_swaps_only_the_block_projections_and_the_head(on_native):
     config = tiny("smollm2-135m")
     model = quantize_model(build_model(config, random_weights(config), "tiny"), "int4", on_native)
@@ -149,6 +150,7 @@ def reference_agreement(loaded, one_at_a_time: bool = False) -> list[int | None]
 
 
 @pytest.mark.slow
+@needs_native
 def test_default_int4_path_gives_the_float32_references_greedy_tokens():
     """The default CPU path (int4 codes on the native kernel, 16-bit activations, float32 elsewhere). Measured
     here: all 12 reference continuations identical to the float32 reference for all 48 tokens, packed and one
