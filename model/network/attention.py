@@ -94,7 +94,8 @@ class AttentionMetadata:
         """Metadata for one step. block_tables=None builds an uncached step (whole sequences).
         triton_attention: attend decode rows with the Triton kernel, and rotate and cache K/V with the fused
         one (None: wherever they are available). native_attention: attend every token with the native CPU
-        kernel (None: on a CPU where it loads, unless triton_attention is asked for). An uncached step is the torch reference, always."""
+        kernel (None: on a CPU where it loads, unless triton_attention is asked for). An uncached step is
+        the torch reference, always."""
         if len(query_lens) != len(context_lens) or not query_lens:
             raise ValueError("query_lens and context_lens must be non-empty and of equal length")
         if any(q <= 0 or c < q for q, c in zip(query_lens, context_lens)):

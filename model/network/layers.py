@@ -11,8 +11,8 @@ from model.config import ModelConfig
 from model.kernels.fused import add_rms_norm, rope_store_kv, silu_and_mul
 from model.kernels.gemv import ADD_NORM, SILU_MUL, AddNorm
 from model.kernels.plan import KernelPlan
-from model.network.attention import (AttentionMetadata, KVCache, attend_cached, native_rotary_attention, paged_attention,
-                                     uncached_attention)
+from model.network.attention import (AttentionMetadata, KVCache, attend_cached, native_rotary_attention,
+                                     paged_attention, uncached_attention)
 from model.network.rope import RopeScaling, inverse_frequencies
 
 

@@ -2,8 +2,8 @@
 
 The codes are int4.py's (GGUF's Q4_1 layout for the projections, Q8_0 for the head, so a GGUF file's own
 codes come back); the arithmetic is integer dot products as in llama.cpp (AVX-512 VNNI), with activations
-quantized to 16 bits per group of 32 (llama.cpp uses 8). One kernel serves every row count, prefill and decode alike, with one reduction
-order per output element, so a token's result does not depend on what shares its step; and no dequantized
+quantized to 16 bits per group of 32 (llama.cpp uses 8). One kernel serves every row count, prefill and
+decode alike, with one reduction order per output element, so a token's result does not depend on what shares its step; and no dequantized
 bfloat16 copy of the weights is kept for prefill (int4.py's torch path needs one).
 """
 from __future__ import annotations

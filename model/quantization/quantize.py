@@ -13,7 +13,8 @@ QUANTIZATIONS = ("int4",)
 
 def quantize_model(model: nn.Module, method: str, on_native: bool | None = None) -> nn.Module:
     """Swap every projection inside the decoder blocks, and the output head, for its quantized form (in
-    place); on the native kernels the token embedding too (8-bit codes, read a row at a time). Quantize the float32 model: codes recovered from bfloat16-rounded weights can move by one.
+    place); on the native kernels the token embedding too (8-bit codes, read a row at a time). Quantize the
+    float32 model: codes recovered from bfloat16-rounded weights can move by one.
     on_native: the native kernel's layers (None: where it builds) or torch's int4 ones."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")

@@ -36,7 +36,8 @@ def dequantized(layer_bits: int, weight: torch.Tensor) -> torch.Tensor:
     return groups.reshape(n, k)
 
 
-def make_layer(bits: int, n: int, k: int, bias: bool, seed: int) -> tuple[NativeQuantizedLinear, torch.Tensor, nn.Linear]:
+def make_layer(bits: int, n: int, k: int, bias: bool,
+               seed: int) -> tuple[NativeQuantizedLinear, torch.Tensor, nn.Linear]:
     torch.manual_seed(seed)
     linear = nn.Linear(k, n, bias=bias)
     layer = NativeQuantizedLinear.int4(linear) if bits == 4 else NativeQuantizedLinear.int8(linear)
@@ -140,7 +141,8 @@ def test_native_attention_of_a_token_does_not_depend_on_its_step():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_the_glue_ops_match_torch_and_compute_each_row_alone(dtype, tol):
     gen = torch.Generator().manual_seed(9)
-    x, delta, h = (torch.randn(rows, width, generator=gen).to(dtype) for rows, width in ((40, 576), (40, 576), (40, 3072)))
+    shapes = ((40, 576), (40, 576), (40, 3072))
+    x, delta, h = (torch.randn(rows, width, generator=gen).to(dtype) for rows, width in shapes)
     weight = torch.rand(576, generator=gen) + 0.5
     total, normed = torch.ops.kvserve.add_rms_norm(x, delta, weight, 1e-5)
     expected_total = (x.float() + delta.float()).to(dtype)

@@ -54,7 +54,8 @@ inline __m512 reduce16(const __m512* a) {
     b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
   }
   for (int k = 0; k < 4; ++k) {
-    c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+    c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44),
+                         _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
   }
   for (int k = 0; k < 2; ++k) {
     d[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], 0x88),

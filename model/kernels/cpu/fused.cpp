@@ -78,7 +78,8 @@ at::Tensor silu_mul(const at::Tensor& h) {
         alignas(64) float lanes[16];
         for (; i + 16 <= f; i += 16) {
           const __m512 g = load16(gate + i);
-          const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+          const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+          const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
           _mm512_store_ps(lanes, _mm512_mul_ps(silu, load16(up + i)));
           for (int l = 0; l < 16; ++l) o[i + l] = static_cast<T>(lanes[l]);
         }

@@ -167,7 +167,8 @@ void multiply(const QuantizedRows& xq, int64_t M, int64_t K, const at::Tensor& c
 }
 
 at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                            const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias, int64_t bits,
+                            const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& bias,
+                            int64_t bits,
                             int64_t out_features) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (rows, in_features) matrix");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
@@ -176,7 +177,8 @@ at::Tensor quantized_matmul(const at::Tensor& x, const at::Tensor& codes, const 
   TORCH_CHECK(K % kGroup == 0 && codes.dim() == 3 && codes.size(1) == G &&
               codes.size(2) == bits * kGroup * kCols / 8, "codes do not match x's width");
   TORCH_CHECK(codes.size(0) * kCols >= out_features && scale.scalar_type() == at::kHalf &&
-              scale.numel() == codes.size(0) * G * kCols && scale.is_contiguous(), "scale: float16 (blocks, groups, 16)");
+              scale.numel() == codes.size(0) * G * kCols && scale.is_contiguous(),
+              "scale: float16 (blocks, groups, 16)");
   TORCH_CHECK(!offset || (offset->sizes() == scale.sizes() && offset->scalar_type() == at::kHalf &&
                           offset->is_contiguous()), "offset: shaped and typed like scale");
   TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->numel() == out_features), "bias: float (N,)");
