@@ -7,10 +7,14 @@ from typing import Literal
 
 from model.network.rope import RopeScaling
 
-Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh"]  # the last two gated (gate * up)
 Norm = Literal["layernorm", "rmsnorm"]
-NormPlacement = Literal["pre", "post"]
+# pre: x + f(norm(x)) (Llama); post: norm(x + f(x)) (the 2017 paper); pre_post: x + norm'(f(norm(x)))
+# (Gemma 2/3: norms before and after each sublayer); sublayer_post: x + norm(f(x)) (OLMo 2)
+NormPlacement = Literal["pre", "post", "pre_post", "sublayer_post"]
 PositionalEncoding = Literal["learned", "sinusoidal", "rope"]
+QKNorm = Literal["none", "head", "projection"]  # RMSNorm on q and k: per head (Qwen3, Gemma 3), whole (OLMo 2)
+GATED = ("swiglu", "geglu_tanh")
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,14 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_position: int = 2048
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] = ()  # which layers use sliding_window (Gemma's interleaving); (): all
+    rope_local_theta: float | None = None  # the RoPE base of sliding layers, unscaled (Gemma 3); None: as global
     attention_bias: bool = False  # q, k and v biases (and o's, unless attention_out_bias says otherwise)
     attention_out_bias: bool | None = None  # None: as attention_bias (Qwen2 has q/k/v biases but no o bias)
-    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    qk_norm: QKNorm = "none"  # before RoPE
+    attention_scale: float | None = None  # on q.k; None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attention_softcap: float | None = None  # cap * tanh(score / cap) on attention scores (Gemma 2)
+    logit_softcap: float | None = None  # the same on the output logits (Gemma 2)
     rope_scaling: RopeScaling | None = None  # linear, llama3 or yarn (model/network/rope.py)
     mlp_bias: bool = False
     tie_embeddings: bool = True
@@ -60,8 +69,14 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window must be positive, got {self.sliding_window}")
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"ModelConfig.sliding_layers names {len(self.sliding_layers)} layers, "
+                             f"the model has {self.num_layers}")
+        for field in ("attention_scale", "attention_softcap", "logit_softcap", "rope_local_theta"):
+            if getattr(self, field) is not None and getattr(self, field) <= 0:
+                raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
         choices = {"activation": Activation, "norm": Norm, "norm_placement": NormPlacement,
-                   "positional_encoding": PositionalEncoding}
+                   "positional_encoding": PositionalEncoding, "qk_norm": QKNorm}
         for field, kind in choices.items():
             if getattr(self, field) not in kind.__args__:
                 raise ValueError(f"ModelConfig.{field} must be one of {kind.__args__}, "
@@ -71,6 +86,34 @@ class ModelConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def gated(self) -> bool:
+        """The feed-forward's up projection also computes a gate (SwiGLU, GeGLU)."""
+        return self.activation in GATED
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Every placement but the 2017 post-norm (whose blocks already end in a norm) needs a final one."""
+        return self.norm_placement != "post"
+
+    @property
+    def block_norms(self) -> tuple[str, ...]:
+        """One block's norms by canonical name: before attention and the feed-forward (attn_norm, ffn_norm)
+        and on their outputs (attn_post_norm, ffn_post_norm), as the placement has them."""
+        return {"pre_post": ("attn_norm", "attn_post_norm", "ffn_norm", "ffn_post_norm"),
+                "sublayer_post": ("attn_post_norm", "ffn_post_norm")}.get(self.norm_placement,
+                                                                          ("attn_norm", "ffn_norm"))
+
+    @property
+    def query_scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer: None where it attends its whole context."""
+        if self.sliding_layers and not self.sliding_layers[layer]:
+            return None
+        return self.sliding_window
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
@@ -78,21 +121,23 @@ class ModelConfig:
         """Every weight, bias and norm parameter, a tied output head counted once."""
         d, f = self.hidden_size, self.ffn_hidden_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        n_in = 2 if self.activation == "swiglu" else 1
+        n_in = 2 if self.gated else 1
         norm = d * (2 if self.norm == "layernorm" else 1)
-        per_layer = d * (q + 2 * kv) + q * d + n_in * d * f + f * d + 2 * norm
+        per_layer = d * (q + 2 * kv) + q * d + n_in * d * f + f * d + len(self.block_norms) * norm
         if self.attention_bias:
             per_layer += q + 2 * kv
         if self.attention_out_bias:
             per_layer += d
-        if self.qk_norm:
+        if self.qk_norm == "head":
             per_layer += 2 * self.head_dim
+        elif self.qk_norm == "projection":
+            per_layer += q + kv
         if self.mlp_bias:
             per_layer += n_in * f + d
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         if self.positional_encoding == "learned":
             embed += self.max_position * d
-        final_norm = norm if self.norm_placement == "pre" else 0
+        final_norm = norm if self.has_final_norm else 0
         return self.num_layers * per_layer + embed + final_norm
 
 

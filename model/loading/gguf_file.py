@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - gguf is a runtime dependency
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "gpt2")
 # llama.cpp's converter reorders q/k rows for its "normal" RoPE (llama) only; qwen2 and qwen3 use its NEOX
 # RoPE, the half-split layout kvserve computes, and are stored as they are.
 _PERMUTED = {"llama"}
@@ -31,7 +31,12 @@ _LAYER_NAMES = {  # llama.cpp tensor name -> canonical suffix
     "attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_q": "attn.q", "attn_k": "attn.k",
     "attn_v": "attn.v", "attn_output": "attn.o", "ffn_gate": "ffn.gate", "ffn_up": "ffn.up",
     "ffn_down": "ffn.down", "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
+    "post_attention_norm": "attn_post_norm", "post_ffw_norm": "ffn_post_norm",
 }
+# What llama.cpp itself assumes where a Gemma or OLMo 2 file is silent (its src/models/<arch>.cpp): which
+# layers slide (all but every n-th), and Gemma 3's local RoPE base.
+_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6, "olmo2": 4}
+_GEMMA3_LOCAL_ROPE_BASE = 10000.0
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "position_embd": "embed_positions",
                  "output_norm": "final_norm", "output": "lm_head"}
 
@@ -84,8 +89,36 @@ def gguf_config(reader, path: Path) -> ModelConfig:
                        head_dim=head_dim, norm_eps=float(need("attention.layer_norm_rms_epsilon")),
                        rope_theta=float(metadata(reader, f"{arch}.rope.freq_base", 10000.0)),
                        sliding_window=metadata(reader, f"{arch}.attention.sliding_window") or None,
-                       attention_bias=arch == "qwen2", attention_out_bias=False, qk_norm=arch == "qwen3",
-                       rope_scaling=_rope_scaling(reader, arch, path))
+                       attention_bias=arch == "qwen2", attention_out_bias=False,
+                       rope_scaling=_rope_scaling(reader, arch, path), **_family_options(reader, arch, common))
+
+
+def _family_options(reader, arch: str, common: dict) -> dict:
+    """What sets a family apart from Llama, as the file says it or llama.cpp assumes it."""
+    if arch == "qwen3":
+        return dict(qk_norm="head")
+    options = {}
+    if arch in _SLIDING_PATTERN and metadata(reader, f"{arch}.attention.sliding_window"):
+        pattern = metadata(reader, f"{arch}.attention.sliding_window_pattern", _SLIDING_PATTERN[arch])
+        options["sliding_layers"] = tuple(bool(x) for x in pattern) if isinstance(pattern, list) else tuple(
+            i % pattern < pattern - 1 for i in range(common["num_layers"]))
+    if arch == "olmo2":
+        return options | dict(norm_placement="sublayer_post", qk_norm="projection")
+    if arch not in ("gemma2", "gemma3"):
+        return options
+    heads, layers = common["num_heads"], common["num_layers"]
+    head_dim = int(metadata(reader, f"{arch}.attention.key_length", 0) or 0) or common["hidden_size"] // heads
+    # llama.cpp scales queries by head_dim ** -0.5 except in the 27B models (46 and 62 layers), whose
+    # query_pre_attn_scalar is hidden / heads; a file may say it outright.
+    scalar = common["hidden_size"] / heads if (arch, layers) in (("gemma2", 46), ("gemma3", 62)) else head_dim
+    scale = metadata(reader, f"{arch}.attention.scale") or scalar ** -0.5
+    local_base = metadata(reader, f"{arch}.rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE if arch == "gemma3" else None)
+    return options | dict(
+        activation="geglu_tanh", norm_placement="pre_post", scale_embeddings=True,
+        qk_norm="head" if arch == "gemma3" else "none", attention_scale=float(scale),
+        attention_softcap=metadata(reader, f"{arch}.attn_logit_softcapping"),
+        logit_softcap=metadata(reader, f"{arch}.final_logit_softcapping"),
+        rope_local_theta=None if local_base is None else float(local_base))
 
 
 def _rope_scaling(reader, arch: str, path: Path) -> RopeScaling | None:

@@ -12,6 +12,8 @@ from model.loading.weights import LoadError
 from model.network.rope import rope_scaling_from_hf
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+GEMMA_TYPES = {"gemma2", "gemma3_text"}  # norms stored as w - 1: their RMSNorm scales by 1 + w
+DECODER_TYPES = LLAMA_TYPES | GEMMA_TYPES | {"olmo2"}  # the Llama-like layout, with the knobs below
 # Buffers some checkpoints carry that are recomputed, never loaded.
 # Anchored at a dot: GPT-2's real QKV bias "attn.c_attn.bias" also ends in "attn.bias".
 _IGNORED = re.compile(r"(?:^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
@@ -22,6 +24,10 @@ _LLAMA_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn
                 "mlp.down_proj": "ffn.down", "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm",
                 # Phi-3 stores q, k, v as one matrix and gate, up as another: split on load.
                 "self_attn.qkv_proj": "attn.qkv", "mlp.gate_up_proj": "ffn.gate_up"}
+# Gemma 2/3 and OLMo 2 norm each sublayer's output; "post_attention_layernorm" is that norm there, not the
+# feed-forward's input norm it is in Llama.
+_POST_NORM_LAYER = _LLAMA_LAYER | {"post_attention_layernorm": "attn_post_norm", "pre_feedforward_layernorm": "ffn_norm",
+                                   "post_feedforward_layernorm": "ffn_post_norm"}
 _GPT2_LAYER = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn.qkv",
                "attn.c_proj": "attn.o", "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down"}
 _GLOBALS = {"model.embed_tokens": "embed_tokens", "model.norm": "final_norm", "lm_head": "lm_head",
@@ -44,33 +50,59 @@ def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
                 norm="layernorm", norm_eps=raw.get("layer_norm_epsilon", 1e-5),
                 positional_encoding="learned", max_position=raw["n_positions"], attention_bias=True,
                 mlp_bias=True, tie_embeddings=raw.get("tie_word_embeddings", True), name=folder.name, architecture=kind), raw
-        if kind in LLAMA_TYPES:
-            heads = raw["num_attention_heads"]
-            if raw.get("partial_rotary_factor", 1.0) != 1.0:
-                raise LoadError(f"{path}: partial_rotary_factor {raw['partial_rotary_factor']} is not supported "
-                                "(RoPE over the whole head only)")
-            # Qwen2 has biases on q, k and v but not on o; the others' attention_bias covers all four.
-            qkv_bias = raw.get("attention_bias", kind == "qwen2")
-            return ModelConfig(
-                vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-                num_layers=raw["num_hidden_layers"], num_heads=heads,
-                num_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=raw.get("head_dim") or 0,
-                ffn_hidden_size=raw["intermediate_size"], norm_eps=raw.get("rms_norm_eps", 1e-6),
-                rope_theta=raw.get("rope_theta", 10000.0), max_position=raw["max_position_embeddings"],
-                sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
-                attention_bias=qkv_bias, attention_out_bias=qkv_bias and kind != "qwen2",
-                qk_norm=kind == "qwen3", rope_scaling=rope_scaling_from_hf(raw.get("rope_scaling"),
-                                                                          raw["max_position_embeddings"]),
-                mlp_bias=raw.get("mlp_bias", False),
-                tie_embeddings=raw.get("tie_word_embeddings", False), name=folder.name, architecture=kind), raw
+        if kind in DECODER_TYPES:
+            return ModelConfig(**_decoder_options(raw, kind, path), **_family_options(raw, kind),
+                               name=folder.name, architecture=kind), raw
     except KeyError as exc:
         raise LoadError(f"{path}: missing field {exc.args[0]!r}") from exc
     except ValueError as exc:  # a setting kvserve does not support, e.g. a RoPE scaling
         raise LoadError(f"{path}: {exc}") from exc
-    raise LoadError(f"{path}: unsupported model_type {kind!r} (supported: gpt2, {', '.join(sorted(LLAMA_TYPES))})")
+    raise LoadError(f"{path}: unsupported model_type {kind!r} (supported: gpt2, {', '.join(sorted(DECODER_TYPES))})")
 
 
-def canonical_name(name: str, source: str) -> str | None:
+def _decoder_options(raw: dict, kind: str, path: Path) -> dict:
+    """The ModelConfig fields every Llama-like config.json names the same way."""
+    heads = raw["num_attention_heads"]
+    if raw.get("partial_rotary_factor", 1.0) != 1.0:
+        raise LoadError(f"{path}: partial_rotary_factor {raw['partial_rotary_factor']} is not supported "
+                        "(RoPE over the whole head only)")
+    # Qwen2 has biases on q, k and v but not on o; the others' attention_bias covers all four.
+    qkv_bias = raw.get("attention_bias", kind == "qwen2")
+    return dict(
+        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_layers=raw["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=raw.get("head_dim") or 0,
+        ffn_hidden_size=raw["intermediate_size"], norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=raw.get("rope_theta", 10000.0), max_position=raw["max_position_embeddings"],
+        sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
+        attention_bias=qkv_bias, attention_out_bias=qkv_bias and kind != "qwen2",
+        rope_scaling=rope_scaling_from_hf(raw.get("rope_scaling"), raw["max_position_embeddings"]),
+        mlp_bias=raw.get("mlp_bias", False), tie_embeddings=raw.get("tie_word_embeddings", kind in GEMMA_TYPES))
+
+
+def _family_options(raw: dict, kind: str) -> dict:
+    """What sets a family apart from Llama, as its config.json says it."""
+    if kind == "qwen3":
+        return dict(qk_norm="head")
+    if kind == "olmo2":
+        return dict(norm_placement="sublayer_post", qk_norm="projection")
+    if kind not in GEMMA_TYPES:
+        return {}
+    activation = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"hidden_activation {activation!r} is not supported (gelu_pytorch_tanh)")
+    pattern = 2 if kind == "gemma2" else raw.get("sliding_window_pattern", 6)  # transformers' defaults
+    layer_types = raw.get("layer_types") or [
+        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(raw["num_hidden_layers"])]
+    return dict(
+        activation="geglu_tanh", norm_placement="pre_post", scale_embeddings=True,
+        qk_norm="head" if kind == "gemma3_text" else "none",
+        attention_scale=raw.get("query_pre_attn_scalar", 256) ** -0.5,
+        attention_softcap=raw.get("attn_logit_softcapping"), logit_softcap=raw.get("final_logit_softcapping"),
+        sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
+        rope_local_theta=raw.get("rope_local_base_freq", 10000.0) if kind == "gemma3_text" else None)
+
+
+def canonical_name(name: str, source: str, architecture: str = "llama") -> str | None:
     """Our canonical name for a checkpoint tensor, or None for a buffer that is never loaded."""
     name = name.removeprefix("transformer.")
     base, _, kind = name.rpartition(".")
@@ -78,7 +110,8 @@ def canonical_name(name: str, source: str) -> str | None:
         return None
     match = re.match(r"^(?:model\.layers|h)\.(\d+)\.(.+)$", base)
     if match:
-        table = _LLAMA_LAYER if base.startswith("model.") else _GPT2_LAYER
+        table = _GPT2_LAYER if not base.startswith("model.") else \
+            _POST_NORM_LAYER if architecture in GEMMA_TYPES | {"olmo2"} else _LLAMA_LAYER
         if match.group(2) in table:
             return f"layers.{match.group(1)}.{table[match.group(2)]}.{kind}"
     elif base in _GLOBALS:
@@ -95,10 +128,12 @@ def hf_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         for raw_name, tensor in load_file(str(file)).items():
-            name = canonical_name(raw_name, str(file))
+            name = canonical_name(raw_name, str(file), config.architecture)
             if name is None:
                 continue
             tensor = tensor.float()
+            if config.architecture in GEMMA_TYPES and raw_name.endswith("norm.weight"):
+                tensor = tensor + 1  # the 1 + w Gemma's RMSNorm scales by, so that ours computes the same
             if raw_name.removeprefix("transformer.").startswith("h.") and tensor.dim() == 2:
                 tensor = tensor.t()  # GPT-2's Conv1D layers store (in, out)
             if ".attn.qkv." in name or ".ffn.gate_up." in name:

@@ -35,19 +35,21 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     for i in range(config.num_layers):
         p = f"layers.{i}"
-        norm(f"{p}.attn_norm")
+        for name in config.block_norms:
+            norm(f"{p}.{name}")
         linear(f"{p}.attn.q", q, d, config.attention_bias)
         linear(f"{p}.attn.k", kv, d, config.attention_bias)
         linear(f"{p}.attn.v", kv, d, config.attention_bias)
         linear(f"{p}.attn.o", d, q, config.attention_out_bias)
-        if config.qk_norm:
-            shapes[f"{p}.attn.q_norm.weight"] = shapes[f"{p}.attn.k_norm.weight"] = (hd,)
-        norm(f"{p}.ffn_norm")
-        if config.activation == "swiglu":
+        if config.qk_norm != "none":
+            per_head = config.qk_norm == "head"
+            shapes[f"{p}.attn.q_norm.weight"] = (hd,) if per_head else (q,)
+            shapes[f"{p}.attn.k_norm.weight"] = (hd,) if per_head else (kv,)
+        if config.gated:
             linear(f"{p}.ffn.gate", f, d, config.mlp_bias)
         linear(f"{p}.ffn.up", f, d, config.mlp_bias)
         linear(f"{p}.ffn.down", d, f, config.mlp_bias)
-    if config.norm_placement == "pre":
+    if config.has_final_norm:
         norm("final_norm")
     if not config.tie_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, d)
@@ -73,8 +75,9 @@ def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, source:
 
 def fuse(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Canonical tensors -> the Transformer's state_dict (fused QKV and gate/up, module paths)."""
-    renames = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn.o": "attn.o_proj",
-               "ffn.down": "ffn.down_proj", "attn.q_norm": "attn.q_norm", "attn.k_norm": "attn.k_norm"}
+    renames = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm", "attn_post_norm": "attn_post_norm",
+               "ffn_post_norm": "ffn_post_norm", "attn.o": "attn.o_proj", "ffn.down": "ffn.down_proj",
+               "attn.q_norm": "attn.q_norm", "attn.k_norm": "attn.k_norm"}
     state: dict[str, torch.Tensor] = {}
     for name in ("embed_tokens.weight", "embed_positions.weight", "final_norm.weight",
                  "final_norm.bias", "lm_head.weight"):
@@ -89,7 +92,7 @@ def fuse(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, tor
             if f"{p}.attn.q.{kind}" in weights:
                 state[f"{p}.attn.qkv_proj.{kind}"] = torch.cat(
                     [weights[f"{p}.attn.{x}.{kind}"] for x in "qkv"])
-            parts = ["gate", "up"] if config.activation == "swiglu" else ["up"]
+            parts = ["gate", "up"] if config.gated else ["up"]
             if f"{p}.ffn.up.{kind}" in weights:
                 state[f"{p}.ffn.up_proj.{kind}"] = torch.cat([weights[f"{p}.ffn.{x}.{kind}"] for x in parts])
     if config.tie_embeddings:

@@ -15,7 +15,9 @@ step, here.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,22 @@ class AttentionMetadata:
     sliding_window: int | None = None  # the window the masks were built for; the model checks it
     triton_attention: bool = False  # decode rows attended, and RoPE + the K/V cache write done, by Triton kernels
     native: NativeRows | None = None  # every token attended by the native CPU kernel (then no decode/prefills)
+    rebuild: Callable[[int | None], AttentionMetadata] | None = field(default=None, repr=False)
+    views: dict = field(default_factory=dict, repr=False)  # for_window's, by window
+
+    def for_window(self, window: int | None) -> AttentionMetadata:
+        """This step's metadata for a layer with another sliding window (Gemma's interleaved local and
+        global layers), made once per step and window. The kernels take the window as an argument; only
+        the torch backend's masks are built for one, and are built again."""
+        if window == self.sliding_window:
+            return self
+        if window not in self.views:
+            masked = self.prefills or (self.decode is not None and self.decode.key_mask is not None)
+            if masked and self.rebuild is None:
+                raise ValueError("this metadata was not made by AttentionMetadata.build: no other window")
+            self.views[window] = self.rebuild(window) if masked else dataclasses.replace(
+                self, sliding_window=window, views={})
+        return self.views[window]
 
     @property
     def num_tokens(self) -> int:
@@ -104,6 +122,8 @@ class AttentionMetadata:
         positions = to_device(torch.cat([torch.arange(s, c) for s, c in zip(starts, context_lens)]), device)
         ends = torch.tensor(query_lens).cumsum(0)
         meta = cls(query_lens, context_lens, positions, to_device(ends - 1, device), sliding_window=sliding_window)
+        meta.rebuild = lambda window: cls.build(query_lens, context_lens, block_tables, block_size, window, device,
+                                                meta.triton_attention, meta.native is not None)
         if block_tables is None:
             if starts != [0] * len(starts):
                 raise ValueError("an uncached step needs whole sequences (context_lens == query_lens)")
@@ -187,9 +207,24 @@ def _prefill_chunks(query_lens, context_lens, tables, block_size, window, device
     return chunks
 
 
-def _attend_chunk(q, k, v, mask, scale) -> torch.Tensor:
+def softcapped_attention(q, k, v, mask: torch.Tensor | None, scale: float, softcap: float) -> torch.Tensor:
+    """Attention with Gemma 2's soft-capped scores, cap * tanh(q.k * scale / cap), which SDPA does not take:
+    q (..., nh, q_len, hd), k/v (..., n_kv, ctx, hd), mask broadcastable to the scores (None: causal)."""
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, -3).float(), v.repeat_interleave(group, -3).float()
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
+
+
+def _attend_chunk(q, k, v, mask, scale, softcap: float | None = None) -> torch.Tensor:
     # q: (q_len, nh, hd), k/v: (ctx, n_kv, hd) -> (q_len, nh, hd)
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, scale, softcap).transpose(0, 1)
     group = q.shape[0] // k.shape[0]
     if group > 1 and mask is not None and q.is_cuda:
         # CUDA's fused kernels take GQA only without a mask (flash); with one, enable_gqa falls back to
@@ -200,13 +235,13 @@ def _attend_chunk(q, k, v, mask, scale) -> torch.Tensor:
     return out.transpose(0, 1)
 
 
-def uncached_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def uncached_attention(q, k, v, meta: AttentionMetadata, scale: float, softcap: float | None = None) -> torch.Tensor:
     """Each sequence attends only to its own new tokens: the no-cache reference."""
-    return _attend_prefills(torch.empty_like(q), q, k, v, None, meta, scale)
+    return _attend_prefills(torch.empty_like(q), q, k, v, None, meta, scale, softcap)
 
 
 def _attend_prefills(out, q, k, v, kv_cache: KVCache | None, meta: AttentionMetadata,
-                     scale: float) -> torch.Tensor:
+                     scale: float, softcap: float | None = None) -> torch.Tensor:
     """Each prefill chunk attends its context: its own new K/V, or the cache when it has a past."""
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
@@ -215,30 +250,32 @@ def _attend_prefills(out, q, k, v, kv_cache: KVCache | None, meta: AttentionMeta
         else:
             keys = _gather(kv_cache[0], chunk.kv_slots, q.dtype)
             values = _gather(kv_cache[1], chunk.kv_slots, q.dtype)
-        out[rows] = _attend_chunk(q[rows], keys, values, chunk.mask, scale)
+        out[rows] = _attend_chunk(q[rows], keys, values, chunk.mask, scale, softcap)
     return out
 
 
-def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float,
+                    softcap: float | None = None) -> torch.Tensor:
     """Write the step's K/V into the cache, then attend every new token to its cached context."""
     k_cache, v_cache = kv_cache
     k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-    return attend_cached(q, k, v, kv_cache, meta, scale)
+    return attend_cached(q, k, v, kv_cache, meta, scale, softcap)
 
 
-def attend_cached(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def attend_cached(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float,
+                  softcap: float | None = None) -> torch.Tensor:
     """Attend every new token to its context, the step's K/V being in the cache already."""
     if meta.native is not None:
         return _attend_native(q, kv_cache, meta, scale)
     if meta.decode is not None and not meta.prefills:
         # Every token is a decode row, in order: no need to pick the rows out and put them back.
-        return _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window, every_row=True)
+        return _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window, every_row=True, softcap=softcap)
     out = torch.empty_like(q)
     if meta.decode is not None:
         out.index_copy_(0, meta.decode.token_index,
-                        _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window))
-    return _attend_prefills(out, q, k, v, kv_cache, meta, scale)
+                        _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window, softcap=softcap))
+    return _attend_prefills(out, q, k, v, kv_cache, meta, scale, softcap)
 
 
 def _attend_native(q, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -266,7 +303,7 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float, window: int | None,
-                   every_row: bool = False) -> torch.Tensor:
+                   every_row: bool = False, softcap: float | None = None) -> torch.Tensor:
     n_kv, hd = k_cache.shape[1], k_cache.shape[2]
     bd = rows.token_index.shape[0]
     q_rows = q if every_row else q.index_select(0, rows.token_index)
@@ -280,5 +317,9 @@ def _attend_decode(q, k_cache, v_cache, rows: DecodeRows, scale: float, window: 
     q_rows = q_rows.reshape(bd, n_kv, -1, hd).to(dtype)  # (Bd, n_kv, g, hd)
     k = _gather(k_cache, rows.kv_slots, dtype).transpose(1, 2)  # (Bd, n_kv, max_ctx, hd)
     v = _gather(v_cache, rows.kv_slots, dtype).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=rows.key_mask, scale=scale)
+    if softcap is not None:
+        q_rows = q_rows.reshape(bd, -1, 1, hd)  # (Bd, nh, 1, hd): the query heads as heads again
+        out = softcapped_attention(q_rows, k, v, rows.key_mask, scale, softcap)
+    else:
+        out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=rows.key_mask, scale=scale)
     return out.reshape(bd, -1, hd).to(q.dtype)  # (Bd, nh, hd)

@@ -120,9 +120,13 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_out_bias)
-        self.q_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
-        self.scale = hd ** -0.5
+        per_head = config.qk_norm == "head"
+        self.q_norm = self.k_norm = None
+        if config.qk_norm != "none":
+            self.q_norm = RMSNorm(hd if per_head else self.q_size, config.norm_eps)
+            self.k_norm = RMSNorm(hd if per_head else self.kv_size, config.norm_eps)
+        self.scale = config.query_scale
+        self.softcap = config.attention_softcap
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 meta: AttentionMetadata, kv_cache: KVCache | None, kernels: KernelPlan | None) -> torch.Tensor:
@@ -134,6 +138,9 @@ class Attention(nn.Module):
         cfg = self.config
         if self.q_norm is not None:
             qkv = self._norm_qk(qkv)
+        if (meta.native is not None or meta.triton_attention) and self.softcap is not None:
+            raise ValueError("attention soft-capping runs on the torch attention path only: build the "
+                             "metadata with native_attention=False, triton_attention=False")
         if meta.native is not None and kv_cache is not None:
             out = native_rotary_attention(qkv, rope, meta, kv_cache, self.scale, cfg.num_heads)
         elif meta.triton_attention and rope is not None and kv_cache is not None:
@@ -145,11 +152,14 @@ class Attention(nn.Module):
         return project(self.o_proj, out.reshape(-1, self.q_size), kernels)
 
     def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Each head's q and k through their RMSNorms (Qwen3), before RoPE; v as it is."""
+        """q and k through their RMSNorms, before RoPE: each head's (Qwen3, Gemma 3) or each whole
+        projection's (OLMo 2); v as it is."""
         cfg = self.config
-        q = self.q_norm(qkv[:, : self.q_size].view(-1, cfg.num_heads, cfg.head_dim))
-        k = self.k_norm(qkv[:, self.q_size: self.q_size + self.kv_size].view(-1, cfg.num_kv_heads, cfg.head_dim))
-        return torch.cat([q.flatten(1), k.flatten(1), qkv[:, self.q_size + self.kv_size:]], dim=1)
+        q, k = qkv[:, : self.q_size], qkv[:, self.q_size: self.q_size + self.kv_size]
+        if cfg.qk_norm == "head":
+            q, k = q.reshape(-1, cfg.num_heads, cfg.head_dim), k.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+        return torch.cat([self.q_norm(q).flatten(1), self.k_norm(k).flatten(1), qkv[:, self.q_size + self.kv_size:]],
+                         dim=1)
 
     def _attend_torch(self, qkv, rope, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
         cfg = self.config
@@ -159,8 +169,8 @@ class Attention(nn.Module):
         q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads:]  # (T, nh, hd), (T, n_kv, hd)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, cfg.num_kv_heads, cfg.head_dim)
         if kv_cache is None:
-            return uncached_attention(q, k, v, meta, self.scale)
-        return paged_attention(q, k, v, kv_cache, meta, self.scale)
+            return uncached_attention(q, k, v, meta, self.scale, self.softcap)
+        return paged_attention(q, k, v, kv_cache, meta, self.scale, self.softcap)
 
 
 class FeedForward(nn.Module):
@@ -169,7 +179,7 @@ class FeedForward(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.activation = config.activation
-        n_in = 2 if config.activation == "swiglu" else 1
+        n_in = 2 if config.gated else 1
         self.up_proj = nn.Linear(config.hidden_size, n_in * config.ffn_hidden_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.mlp_bias)
 
@@ -187,6 +197,9 @@ class FeedForward(nn.Module):
         elif self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.activation == "geglu_tanh":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up
         elif self.activation == "gelu":
             h = F.gelu(h)
         elif self.activation == "gelu_tanh":
@@ -199,28 +212,35 @@ class FeedForward(nn.Module):
 class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.pre_norm = config.norm_placement == "pre"
-        self.attn_norm = make_norm(config)
+        self.placement = config.norm_placement
         self.attn = Attention(config)
-        self.ffn_norm = make_norm(config)
         self.ffn = FeedForward(config)
+        # The norms the placement has (ModelConfig.block_norms); the others stay None.
+        self.attn_norm = self.ffn_norm = self.attn_post_norm = self.ffn_post_norm = None
+        for name in config.block_norms:
+            setattr(self, name, make_norm(config))
 
     def forward(self, x, pending, rope, meta: AttentionMetadata, kv_cache, kernels: KernelPlan | None):
         """Returns (residual stream, pending): a pre-norm block leaves its feed-forward output for the
-        next norm to add (one fused add+norm kernel on GPU); a post-norm block's output is final."""
-        if self.pre_norm:
+        next norm to add (one fused add+norm kernel on GPU); the other placements' output is final."""
+        if self.placement == "pre":
             native = meta.native is not None
             x, qkv = norm_project(self.attn_norm, x, pending, self.attn.qkv_proj, kernels, native)
             attended = self.attn.attend(qkv, rope, meta, kv_cache, kernels)
             x, up = norm_project(self.ffn_norm, x, attended, self.ffn.up_proj, kernels, native)
             return x, self.ffn.down(up, kernels, native)
-        x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache, kernels))
-        return self.ffn_norm(x + self.ffn(x, kernels)), None
+        if self.placement == "post":
+            x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache, kernels))
+            return self.ffn_norm(x + self.ffn(x, kernels)), None
+        # pre_post and sublayer_post: a norm on each sublayer's output, and before it where there is one.
+        before = (lambda norm, h: h if norm is None else norm(h))
+        x = x + self.attn_post_norm(self.attn(before(self.attn_norm, x), rope, meta, kv_cache, kernels))
+        return x + self.ffn_post_norm(self.ffn(before(self.ffn_norm, x), kernels)), None
 
     def fused_projections(self) -> list[tuple[str, nn.Module]]:
         """(kind, projection) pairs whose input model/kernels/gemv.py can compute as it loads it."""
         sites = []
-        if self.pre_norm and isinstance(self.attn_norm, RMSNorm):
+        if self.placement == "pre" and isinstance(self.attn_norm, RMSNorm):
             sites += [(ADD_NORM, self.attn.qkv_proj), (ADD_NORM, self.ffn.up_proj)]
         if self.ffn.activation == "swiglu":
             sites.append((SILU_MUL, self.ffn.down_proj))

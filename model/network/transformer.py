@@ -26,10 +26,13 @@ class Transformer(nn.Module):
                                  persistent=False)
         else:
             self.rotary = RotaryEmbedding(config.head_dim, config.max_position, config.rope_theta, config.rope_scaling)
+        # Gemma 3's sliding layers rotate with a base of their own, unscaled.
+        self.rotary_local = None
+        if self.rotary is not None and config.rope_local_theta is not None:
+            self.rotary_local = RotaryEmbedding(config.head_dim, config.max_position, config.rope_local_theta)
         self.reset_buffers()
         self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
-        # Post-norm blocks already end in a norm; pre-norm stacks need a final one.
-        self.final_norm = make_norm(config) if config.norm_placement == "pre" else None
+        self.final_norm = make_norm(config) if config.has_final_norm else None
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -38,6 +41,8 @@ class Transformer(nn.Module):
         """(Re)compute the fixed position tables, e.g. after building the model on the meta device."""
         if self.rotary is not None:
             self.rotary.reset()
+            if self.rotary_local is not None:
+                self.rotary_local.reset()
         elif self.embed_positions is None and not self.sinusoid.is_meta:
             self.sinusoid.copy_(sinusoidal_table(self.config.max_position, self.config.hidden_size))
 
@@ -66,15 +71,21 @@ class Transformer(nn.Module):
         elif self.rotary is None:
             x = x + self.sinusoid[positions].to(x.dtype)
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        rope_local = self.rotary_local(positions, x.dtype) if self.rotary_local is not None else rope
         pending = None  # a pre-norm block's last output, added by the next norm
         for i, layer in enumerate(self.layers):
-            x, pending = layer(x, pending, rope, meta, None if kv_caches is None else kv_caches[i], kernels)
+            window = self.config.layer_window(i)
+            x, pending = layer(x, pending, rope if window is None else rope_local, meta.for_window(window),
+                               None if kv_caches is None else kv_caches[i], kernels)
         rows = meta.logits_index if logits_index is None else logits_index
         x = x[rows]
         if self.final_norm is None:
-            return project(self.lm_head, x, kernels).float()
-        return norm_project(self.final_norm, x, None if pending is None else pending[rows], self.lm_head,
-                            kernels, meta.native is not None)[1].float()
+            logits = project(self.lm_head, x, kernels).float()
+        else:
+            logits = norm_project(self.final_norm, x, None if pending is None else pending[rows], self.lm_head,
+                                  kernels, meta.native is not None)[1].float()
+        cap = self.config.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def fused_projections(self) -> list[tuple[str, nn.Module]]:
         """(kind, projection) pairs whose input model/kernels/gemv.py can compute as it loads it, for

@@ -67,7 +67,12 @@ class Runner:
         self.device = loaded.device
         self.cache = cache
         self.kernels = KernelPlan() if triton_available(self.device) else None
-        use_graphs = cuda_graphs and self.kernels is not None
+        # None: the fused attention kernels (native CPU, Triton) wherever they run; False: torch's attention.
+        self.fused_attention = None if loaded.config.attention_softcap is None else False
+        if self.fused_attention is False:
+            log.info("attention soft-capping (%s) runs on torch's attention ops: the native CPU and Triton "
+                     "attention kernels do not implement it", loaded.config.architecture)
+        use_graphs = cuda_graphs and self.kernels is not None and self.fused_attention is None
         # Graphs need one scratch block for their padding rows, past the blocks the engine hands out.
         self.kv_caches = allocate_kv_cache(loaded.config, cache.num_blocks + use_graphs, cache.block_size,
                                            cache.dtype, loaded.device)
@@ -108,7 +113,8 @@ class Runner:
             logits = self.graphs.run(token_ids, context_lens, block_tables)
             return spans, self.sampler.sample(logits, rows)
         meta = AttentionMetadata.build(num_new_tokens, context_lens, block_tables, self.cache.block_size,
-                                       self.config.sliding_window, self.device)
+                                       self.config.sliding_window, self.device, self.fused_attention,
+                                       self.fused_attention)
         if not spans:
             # A step of prefill chunks only: fill the cache, skip the output head.
             self.model(to_device(token_ids, self.device), meta, self.kv_caches,

@@ -34,6 +34,19 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=True)),
     # Qwen3: RMSNorm over each head's q and k before RoPE; head_dim wider than hidden / heads.
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=False)),
+    # Gemma 2: GeGLU, norms before and after each sublayer (scaled by 1 + w), embeddings times sqrt(d),
+    # soft-capped attention scores and logits, local (window 64) and global layers alternating, queries
+    # scaled by query_pre_attn_scalar (not head_dim).
+    "gemma2": (transformers.Gemma2Config, dict(
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=64, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, num_hidden_layers=4, hidden_activation="gelu_pytorch_tanh")),
+    # Gemma 3: Gemma 2's layout without soft-capping, q/k RMSNorm per head, five local layers to one global
+    # (the real models' pattern), the local ones with their own unscaled RoPE base, the global one scaled.
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        head_dim=32, query_pre_attn_scalar=32, sliding_window=64, num_hidden_layers=6, rope_local_base_freq=10000.0,
+        rope_theta=1000000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    # OLMo 2: norms on each sublayer's output only, q and k RMSNorm over the whole projection.
+    "olmo2": (transformers.Olmo2Config, dict(tie_word_embeddings=False, pad_token_id=0)),
 }
 
 
@@ -41,13 +54,18 @@ def checkpoint(tmp_path_factory, tokenizer, family: str):
     """transformers' model for the family, with random weights (norms near 1), saved as a folder with
     SmolLM2's tokenizer."""
     config_class, options = FAMILIES[family]
-    config = config_class(**COMMON, **options)
+    config = config_class(**(COMMON | options))
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    # Eager attention: transformers' plain-math path, the only one of its paths that soft-caps scores (its
+    # SDPA path ignores Gemma 2's attn_logit_softcapping).
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    # Gemma's RMSNorm scales by 1 + w: its stored norms near 0 are scales near 1, as the others' are.
+    norm_mean = 0.0 if family.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name:
-                parameter.normal_(1.0, 0.1)
+                parameter.normal_(norm_mean, 0.1)
             else:
                 parameter.normal_(0.0, 0.08)
     folder = tmp_path_factory.mktemp(family)

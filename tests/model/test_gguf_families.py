@@ -2,10 +2,12 @@
 (convert_hf_to_gguf.py from the llama-cpp-python sdist, which `make test` unpacks into
 .venv/llama.cpp), loaded by kvserve and run exactly as transformers runs the original.
 
-Two families are not among them. Mistral: llama.cpp's converter writes it as the llama architecture without
-its sliding window, so its GGUF is a different model (full attention) from the checkpoint. Phi-3: the
-converter wants a SentencePiece tokenizer.model, which the test checkpoints (SmolLM2's BPE tokenizer) lack,
-so kvserve does not claim Phi-3 GGUF files yet."""
+Three families are not among them. Mistral: llama.cpp's converter writes it as the llama architecture without
+its sliding window, so its GGUF is a different model (full attention) from the checkpoint. Phi-3 and Gemma 2:
+the converter wants a SentencePiece tokenizer.model, which the test checkpoints (SmolLM2's BPE tokenizer) lack,
+so kvserve does not claim Phi-3 GGUF files yet; it reads Gemma 2's as llama.cpp does (gemma3's code path, plus
+soft-capping), unverified by a converted file. (Real Gemma and Phi-3 GGUF files also carry a SentencePiece
+vocabulary, which kvserve's GGUF tokenizer does not read yet.)"""
 from __future__ import annotations
 
 import os
@@ -20,7 +22,7 @@ from tests.server_process import REPO
 
 CONVERTER = REPO / ".venv" / "llama.cpp" / "convert_hf_to_gguf.py"
 ARCHITECTURES = {"llama3": "llama", "llama-linear-rope": "llama", "llama-yarn-rope": "llama", "qwen2": "qwen2",
-                 "qwen3": "qwen3"}
+                 "qwen3": "qwen3", "gemma3": "gemma3", "olmo2": "olmo2"}
 GGUF_FAMILIES = [family for family in FAMILIES if family in ARCHITECTURES]
 
 
