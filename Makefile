@@ -23,18 +23,21 @@ $(DEV_STAMP): $(RUNTIME_STAMP)
 	touch $@
 
 # llama.cpp's own Hugging Face -> GGUF converter, for tests/model/test_gguf_families.py: the converter, its
-# conversion/ modules and its gguf-py, unpacked from the llama-cpp-python sdist on PyPI (nothing is built).
+# conversion/ modules and its gguf-py, unpacked from the llama-cpp-python sdist on PyPI (nothing is built);
+# and the real chat templates llama.cpp keeps (models/templates), for tests/model/test_chat_templates.py.
 LLAMA_CPP_PYTHON := 0.3.36
-CONVERTER := $(VENV)/llama.cpp/convert_hf_to_gguf.py
-llama-converter: $(CONVERTER)
+# The stamp, not the converter: a venv unpacked before the chat templates were added unpacks again.
+LLAMA_CPP_FILES := $(VENV)/llama.cpp/.unpacked-converter-templates
+llama-converter: $(LLAMA_CPP_FILES)
 
-$(CONVERTER): $(DEV_STAMP)
+$(LLAMA_CPP_FILES): $(DEV_STAMP)
 	rm -rf $(VENV)/llama.cpp $(VENV)/llama.cpp.download
 	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/llama.cpp.download
 	mkdir -p $(VENV)/llama.cpp
 	tar xzf $(VENV)/llama.cpp.download/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/llama.cpp \
-		--strip-components=3 $(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py)
+		--strip-components=3 $(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py models/templates)
 	rm -rf $(VENV)/llama.cpp.download
+	touch $@
 
 serve: install
 	$(VENV)/bin/kvserve serve

@@ -1,15 +1,18 @@
-"""Tokenizer (Hugging Face `tokenizers`) built from GGUF metadata or tokenizer.json, and the chat template."""
+"""Tokenizer (Hugging Face `tokenizers`) built from GGUF metadata or tokenizer.json, with the ids that end a
+generation and the chat template (model/chat_template.py)."""
 from __future__ import annotations
 
 import json
 from functools import lru_cache
 from pathlib import Path
 
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from model.chat_template import DEFAULT, TOOL_USE, ChatTemplate, ChatTemplateError, special_token_texts, \
+    templates_from_folder
 from model.loading.weights import LoadError
+
+__all__ = ["ChatTemplateError", "TextTokenizer", "tokenizer_from_folder", "tokenizer_from_gguf"]
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types that are special tokens
 # Pre-tokenizer regexes by llama.cpp's `tokenizer.ggml.pre` name.
@@ -44,19 +47,22 @@ def _pre_tokenizer(pre: str | None):
     raise LoadError(f"unsupported tokenizer.ggml.pre {pre!r} (supported: gpt2, smollm, llama-bpe)")
 
 
-class ChatTemplateError(ValueError):
-    """The chat template rejected the messages (e.g. roles out of order)."""
-
-
 class TextTokenizer:
-    """Text <-> ids, each token's raw bytes (for exact incremental decoding), and the chat template."""
+    """Text <-> ids, each token's raw bytes (for exact incremental decoding), and the chat template.
+
+    eos_token_ids: every id that ends a generation, the tokenizer's EOS first; a checkpoint may name more
+    (generation_config.json's list, e.g. Llama 3's <|eot_id|>, Gemma's <end_of_turn>; a GGUF's EOT/EOM ids)."""
 
     def __init__(self, tokenizer: Tokenizer, bos_token_id: int | None, eos_token_id: int | None,
-                 chat_template: str | None, add_bos: bool = False):
+                 chat: ChatTemplate | str | None, add_bos: bool = False, extra_eos_ids: tuple[int, ...] = ()):
         self.tokenizer = tokenizer
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
-        self.chat_template = chat_template
+        self.eos_token_ids = tuple(dict.fromkeys(
+            i for i in (eos_token_id, *extra_eos_ids) if i is not None and 0 <= i < tokenizer.get_vocab_size(True)))
+        if not isinstance(chat, ChatTemplate):
+            chat = ChatTemplate({DEFAULT: chat} if chat else {}, self._id_texts())
+        self.chat = chat
         self.add_bos = add_bos
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.special_ids = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
@@ -91,31 +97,23 @@ class TextTokenizer:
     def token_text(self, token_id: int) -> str:
         return self._token_bytes[token_id].decode("utf-8", errors="replace")
 
+    @property
+    def chat_template(self) -> str | None:
+        """The default template's source."""
+        return self.chat.source
+
+    @property
+    def tools_template(self) -> str | None:
+        """The template a request with tools renders through: a "tool_use" one where the model has it."""
+        return self.chat.templates.get(TOOL_USE) or self.chat.source
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        if not self.chat_template:
-            raise ChatTemplateError("this model has no chat template")
-        template = _compile_template(self.chat_template)
-        bos = self.tokenizer.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
-        eos = self.tokenizer.id_to_token(self.eos_token_id) if self.eos_token_id is not None else ""
-        try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=bos, eos_token=eos, **extra)
-        except TemplateError as exc:
-            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        return self.chat.render(messages, add_generation_prompt, **extra)
 
-
-def _raise(message: str):
-    raise TemplateError(message)
-
-
-@lru_cache(maxsize=8)
-def _compile_template(source: str):
-    # The settings Hugging Face uses for chat templates, so templates render the same text.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = _raise
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-    return env.from_string(source)
+    def _id_texts(self) -> dict[str, str]:
+        """bos_token and eos_token as texts, from their ids (a GGUF names its special tokens by id)."""
+        ids = {"bos_token": self.bos_token_id, "eos_token": self.eos_token_id}
+        return {name: self.tokenizer.id_to_token(i) or "" for name, i in ids.items() if i is not None}
 
 
 def tokenizer_from_gguf(reader, path: Path) -> TextTokenizer:
@@ -133,10 +131,12 @@ def tokenizer_from_gguf(reader, path: Path) -> TextTokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)])
+    # llama.cpp ends a generation at its end-of-turn and end-of-message tokens too, where a file names them.
+    extra_eos = tuple(metadata(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eot", "eom"))
     return TextTokenizer(tok, metadata(reader, "tokenizer.ggml.bos_token_id"),
                          metadata(reader, "tokenizer.ggml.eos_token_id"),
                          metadata(reader, "tokenizer.chat_template"),
-                         add_bos=bool(metadata(reader, "tokenizer.ggml.add_bos_token", False)))
+                         add_bos=bool(metadata(reader, "tokenizer.ggml.add_bos_token", False)), extra_eos_ids=extra_eos)
 
 
 def tokenizer_from_folder(folder: Path) -> TextTokenizer:
@@ -144,13 +144,21 @@ def tokenizer_from_folder(folder: Path) -> TextTokenizer:
     if not path.exists():
         raise LoadError(f"{folder}: no tokenizer.json")
     tok = Tokenizer.from_file(str(path))
-    config_path = folder / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config = _read_json(folder / "tokenizer_config.json")
+    texts = special_token_texts(config)
 
     def token_id(key: str) -> int | None:
-        value = config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        return tok.token_to_id(value) if value else None
+        return tok.token_to_id(texts[key]) if key in texts else None
 
-    return TextTokenizer(tok, token_id("bos_token"), token_id("eos_token"), config.get("chat_template"),
-                         add_bos=bool(config.get("add_bos_token", False)))
+    generation_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+    extra_eos = tuple(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    chat = ChatTemplate(templates_from_folder(folder, config), texts)
+    return TextTokenizer(tok, token_id("bos_token"), token_id("eos_token"), chat,
+                         add_bos=bool(config.get("add_bos_token", False)), extra_eos_ids=extra_eos)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{path}: unreadable: {exc}") from exc

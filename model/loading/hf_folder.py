@@ -18,6 +18,17 @@ DECODER_TYPES = LLAMA_TYPES | GEMMA_TYPES | {"olmo2"}  # the Llama-like layout, 
 # Anchored at a dot: GPT-2's real QKV bias "attn.c_attn.bias" also ends in "attn.bias".
 _IGNORED = re.compile(r"(?:^|\.)(rotary_emb\.inv_freq|attn\.masked_bias|attn\.bias)$")
 
+# A Gemma 3 checkpoint with its vision tower (Gemma3ForConditionalGeneration: the 4B, 12B and 27B models)
+# holds the text model under a prefix; kvserve serves the text model and leaves the rest unread.
+_MULTIMODAL_TEXT = re.compile(r"^(?:language_model\.|model\.language_model\.)")
+_MULTIMODAL_SKIPPED = re.compile(r"^(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
+# Gemma3TextConfig's defaults, for the fields the published multimodal configs leave out of text_config.
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    query_pre_attn_scalar=256, sliding_window=4096, rope_local_base_freq=10000.0,
+    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+
 _LLAMA_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                 "self_attn.q_proj": "attn.q", "self_attn.k_proj": "attn.k", "self_attn.v_proj": "attn.v",
                 "self_attn.o_proj": "attn.o", "mlp.gate_proj": "ffn.gate", "mlp.up_proj": "ffn.up",
@@ -41,6 +52,9 @@ def read_hf_config(folder: Path) -> tuple[ModelConfig, dict]:
     except (OSError, json.JSONDecodeError) as exc:
         raise LoadError(f"{path}: cannot read config: {exc}") from exc
     kind = raw.get("model_type")
+    if kind in ("gemma3", "gemma3_text"):  # the text model's fields, defaults filled in as transformers does
+        raw = GEMMA3_TEXT_DEFAULTS | (raw.get("text_config") or {} if kind == "gemma3" else raw)
+        kind = raw["model_type"] = "gemma3_text"
     try:
         if kind == "gpt2":
             return ModelConfig(
@@ -68,14 +82,18 @@ def _decoder_options(raw: dict, kind: str, path: Path) -> dict:
                         "(RoPE over the whole head only)")
     # Qwen2 has biases on q, k and v but not on o; the others' attention_bias covers all four.
     qkv_bias = raw.get("attention_bias", kind == "qwen2")
+    max_position = raw["max_position_embeddings"]
+    scaling = rope_scaling_from_hf(raw.get("rope_scaling"), max_position, raw.get("original_max_position_embeddings"))
+    if scaling is not None and scaling.kind == "dynamic":
+        max_position = int(max_position * scaling.factor)  # the context dynamic NTK stretches to
     return dict(
         vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"], num_layers=raw["num_hidden_layers"],
         num_heads=heads, num_kv_heads=raw.get("num_key_value_heads") or heads, head_dim=raw.get("head_dim") or 0,
         ffn_hidden_size=raw["intermediate_size"], norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=raw.get("rope_theta", 10000.0), max_position=raw["max_position_embeddings"],
+        rope_theta=raw.get("rope_theta", 10000.0), max_position=max_position,
         sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
         attention_bias=qkv_bias, attention_out_bias=qkv_bias and kind != "qwen2",
-        rope_scaling=rope_scaling_from_hf(raw.get("rope_scaling"), raw["max_position_embeddings"]),
+        rope_scaling=scaling,
         mlp_bias=raw.get("mlp_bias", False), tie_embeddings=raw.get("tie_word_embeddings", kind in GEMMA_TYPES))
 
 
@@ -105,6 +123,11 @@ def _family_options(raw: dict, kind: str) -> dict:
 def canonical_name(name: str, source: str, architecture: str = "llama") -> str | None:
     """Our canonical name for a checkpoint tensor, or None for a buffer that is never loaded."""
     name = name.removeprefix("transformer.")
+    if architecture == "gemma3_text":
+        if _MULTIMODAL_SKIPPED.match(name):
+            return None
+        name = _MULTIMODAL_TEXT.sub("", name)
+        name = name if name.startswith(("model.", "lm_head.")) else f"model.{name}"
     base, _, kind = name.rpartition(".")
     if _IGNORED.search(name):
         return None

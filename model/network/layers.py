@@ -13,7 +13,7 @@ from model.kernels.gemv import ADD_NORM, SILU_MUL, AddNorm
 from model.kernels.plan import KernelPlan
 from model.network.attention import (AttentionMetadata, KVCache, attend_cached, native_rotary_attention,
                                      paged_attention, uncached_attention)
-from model.network.rope import RopeScaling, inverse_frequencies
+from model.network.rope import RopeScaling, inverse_frequencies, inverse_frequencies_at
 
 
 class RMSNorm(nn.Module):
@@ -90,15 +90,30 @@ class RotaryEmbedding(nn.Module):
         if self.cos.is_meta:
             return
         inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
-        angles = torch.arange(self.max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1).to(self.cos.device)
-        magnitude = self.scaling.magnitude if self.scaling is not None else 1.0
-        self.cos.copy_(angles.cos() * magnitude)
-        self.sin.copy_(angles.sin() * magnitude)
+        cos, sin = self._rotations(torch.arange(self.max_position, dtype=torch.float64)[:, None] * inv_freq[None, :])
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # (T, hd) each, once per forward and shared by every layer
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+    def _rotations(self, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, hd / 2) float64 angles -> (N, hd) cos and sin, the halves repeated, times the scaling's magnitude."""
+        angles = torch.cat([angles, angles], dim=-1)
+        magnitude = self.scaling.magnitude if self.scaling is not None else 1.0
+        return angles.cos() * magnitude, angles.sin() * magnitude
+
+    @property
+    def length_dependent(self) -> bool:
+        """The frequencies depend on the sequence's length (dynamic NTK, longrope): forward needs lengths."""
+        return self.scaling is not None and self.scaling.length_dependent
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, 1, hd) cos and sin, once per forward and shared by every layer. lengths: (T,) the length of
+        each token's sequence at this step, for the length-dependent scalings (rope.py)."""
+        if not self.length_dependent:
+            return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+        inv_freq = inverse_frequencies_at(self.head_dim, self.theta, self.scaling, lengths.cpu())
+        cos, sin = self._rotations(positions.cpu().to(torch.float64)[:, None] * inv_freq)
+        return cos.to(positions.device, dtype)[:, None, :], sin.to(positions.device, dtype)[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,12 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(positions)
         elif self.rotary is None:
             x = x + self.sinusoid[positions].to(x.dtype)
-        rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        rope = None
+        if self.rotary is not None:
+            lengths = None
+            if self.rotary.length_dependent:  # each token's sequence length at this step
+                lengths = torch.repeat_interleave(torch.tensor(meta.context_lens), torch.tensor(meta.query_lens))
+            rope = self.rotary(positions, x.dtype, lengths)
         rope_local = self.rotary_local(positions, x.dtype) if self.rotary_local is not None else rope
         pending = None  # a pre-norm block's last output, added by the next norm
         for i, layer in enumerate(self.layers):

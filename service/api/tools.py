@@ -96,7 +96,7 @@ def _call_schema(tool: ToolDef) -> dict:
 def template_inputs(messages: list[ChatMessage], use: ToolUse | None,
                     tokenizer: TextTokenizer) -> tuple[list[dict], dict]:
     """The messages as the chat template takes them, and the extra variables it renders with."""
-    native = "tools" in (tokenizer.chat_template or "")
+    native = "tools" in (tokenizer.tools_template or "")
     messages = [_message(m, native) for m in messages]
     if use is None:
         return messages, {}

@@ -152,8 +152,8 @@ class Engine:
 
     def _stop_ids(self, params: SamplingParams) -> list[int]:
         ids = list(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
+        if not params.ignore_eos:
+            ids.extend(self.tokenizer.eos_token_ids)
         return ids
 
     # --- the thread -------------------------------------------------------------------------

@@ -72,7 +72,10 @@ class Runner:
         if self.fused_attention is False:
             log.info("attention soft-capping (%s) runs on torch's attention ops: the native CPU and Triton "
                      "attention kernels do not implement it", loaded.config.architecture)
-        use_graphs = cuda_graphs and self.kernels is not None and self.fused_attention is None
+        # A graph's metadata has no sequence lengths, which dynamic NTK and longrope rotate by.
+        scaling = loaded.config.rope_scaling
+        use_graphs = cuda_graphs and self.kernels is not None and self.fused_attention is None \
+            and not (scaling is not None and scaling.length_dependent)
         # Graphs need one scratch block for their padding rows, past the blocks the engine hands out.
         self.kv_caches = allocate_kv_cache(loaded.config, cache.num_blocks + use_graphs, cache.block_size,
                                            cache.dtype, loaded.device)

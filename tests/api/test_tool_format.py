@@ -105,7 +105,7 @@ def test_tools_reach_the_prompt(tokenizer):
     assert extra == {} and rendered[0]["role"] == "system" and '"name": "get_weather"' in rendered[0]["content"]
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>' == rendered[2]["content"]
     assert rendered[3] == {"role": "tool", "content": "<tool_response>\nrain\n</tool_response>"}
-    native = types.SimpleNamespace(chat_template="{% for tool in tools %}{{ tool }}{% endfor %}")
+    native = types.SimpleNamespace(tools_template="{% for tool in tools %}{{ tool }}{% endfor %}")
     rendered, extra = template_inputs(messages, use, native)
     assert [tool["function"]["name"] for tool in extra["tools"]] == ["get_weather", "get_time"]
     assert rendered[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}

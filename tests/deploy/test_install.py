@@ -18,7 +18,8 @@ def planned_installs(target: str, venv) -> list[str]:
                             timeout=60)
     assert result.returncode == 0, result.stderr
     return [line for line in result.stdout.splitlines()
-            if line.startswith(("python3 -m venv", "sh deploy/install.sh", "touch")) or line.endswith("kvserve serve")]
+            if line.startswith(("python3 -m venv", "sh deploy/install.sh", "touch " + str(venv) + "/.installed"))
+            or line.endswith("kvserve serve")]
 
 
 @pytest.fixture
@@ -56,9 +57,10 @@ def test_test_unpacks_llama_cpps_converter_once(venv):
                           timeout=60).stdout
     assert "pip download -q --no-deps --no-binary :all: llama-cpp-python==" in plan
     assert f"-C {venv}/llama.cpp" in plan and "vendor/llama.cpp/convert_hf_to_gguf.py" in plan
-    converter = venv / "llama.cpp" / "convert_hf_to_gguf.py"
-    converter.parent.mkdir()
-    converter.touch()  # newer than the dev stamp: nothing to do
+    assert "vendor/llama.cpp/models/templates" in plan  # the families' chat templates (test_chat_templates.py)
+    stamp = venv / "llama.cpp" / ".unpacked-converter-templates"
+    stamp.parent.mkdir()
+    stamp.touch()  # newer than the dev stamp: nothing to do
     plan = subprocess.run(["make", "-n", "test", f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
                           timeout=60).stdout
     assert "llama-cpp-python" not in plan

@@ -2,8 +2,11 @@
 (with the field at fault named), over the tiny random model with the real SmolLM2 tokenizer."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from model.tokenizer import TextTokenizer
 from service.engine.errors import EngineOverloaded, RequestRejected
 from service.engine.request import SamplingParams
 from tests.engine.engine_helpers import generate, greedy, make_engine, random_prompt, run_engine
@@ -33,6 +36,19 @@ def test_eos_stops_and_is_not_in_the_text(engine, smollm2_tokenizer):
     result = one(engine, greedy(20, logit_bias={EOS: 100.0}))
     assert result.finish_reason == "stop"
     assert result.token_ids == [EOS] and result.text == ""
+
+
+def test_every_eos_id_of_the_model_ends_a_request(tiny_loaded, smollm2_tokenizer):
+    """A model may name several ids that end a generation (Llama 3's <|eot_id|> beside <|end_of_text|>, from
+    generation_config.json): each stops a request, as EOS does, and ignore_eos ignores them all."""
+    other_eos = 1  # <|im_start|>, standing in for a second EOS id
+    tokenizer = TextTokenizer(smollm2_tokenizer.tokenizer, None, EOS, None, extra_eos_ids=(other_eos, EOS))
+    assert tokenizer.eos_token_ids == (EOS, other_eos)
+    engine = make_engine(dataclasses.replace(tiny_loaded, tokenizer=tokenizer), num_blocks=64)
+    result = one(engine, greedy(20, logit_bias={other_eos: 100.0}))
+    assert result.finish_reason == "stop" and result.token_ids == [other_eos]
+    result = one(engine, greedy(5, logit_bias={other_eos: 100.0}, ignore_eos=True))
+    assert result.finish_reason == "length" and result.token_ids == [other_eos] * 5
 
 
 def test_min_tokens_holds_eos_back(engine):

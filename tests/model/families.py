@@ -26,10 +26,19 @@ FAMILIES = {
     "llama-linear-rope": (transformers.LlamaConfig, dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
     "llama-yarn-rope": (transformers.LlamaConfig, dict(rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128})),
+    # Dynamic NTK: past max_position_embeddings (128, below the prompt) the base grows with the length.
+    "llama-dynamic-rope": (transformers.LlamaConfig, dict(max_position_embeddings=128, rope_scaling={
+        "rope_type": "dynamic", "factor": 4.0})),
     # Mistral: a sliding attention window, here shorter than the prompt.
     "mistral": (transformers.MistralConfig, dict(sliding_window=64, tie_word_embeddings=False)),
     # Phi-3: q, k, v fused in one checkpoint matrix, gate and up in another.
     "phi3": (transformers.Phi3Config, dict(tie_word_embeddings=False, pad_token_id=0)),
+    # Phi-3 128k / Phi-3.5: longrope, short factors within the original context (128, below the prompt),
+    # long ones past it, cos and sin scaled.
+    "phi3-longrope": (transformers.Phi3Config, dict(
+        tie_word_embeddings=False, pad_token_id=0, original_max_position_embeddings=128, rope_scaling={
+            "type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(8)],
+            "long_factor": [1.0 + 0.6 * i for i in range(8)]})),
     # Qwen2 / 2.5: biases on q, k and v only.
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1000000.0, tie_word_embeddings=True)),
     # Qwen3: RMSNorm over each head's q and k before RoPE; head_dim wider than hidden / heads.
@@ -45,6 +54,11 @@ FAMILIES = {
     "gemma3": (transformers.Gemma3TextConfig, dict(
         head_dim=32, query_pre_attn_scalar=32, sliding_window=64, num_hidden_layers=6, rope_local_base_freq=10000.0,
         rope_theta=1000000.0, rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    # Gemma 3 4B-27B: the same text model inside Gemma3ForConditionalGeneration, beside a vision tower kvserve
+    # does not read.
+    "gemma3-vision": (lambda **text: transformers.Gemma3Config(text_config=text, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4), dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=64, num_hidden_layers=6)),
     # OLMo 2: norms on each sublayer's output only, q and k RMSNorm over the whole projection.
     "olmo2": (transformers.Olmo2Config, dict(tie_word_embeddings=False, pad_token_id=0)),
 }
