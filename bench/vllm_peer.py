@@ -2,6 +2,7 @@
 under the peers cache (several GB, never in the repository), and its OpenAI server started from them."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,9 @@ KV_CACHE_GIB = 2
 MISMATCHED = ["torchvision", "torchaudio", "torchcodec"]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB), "VLLM_CPU_OMP_THREADS_BIND": "auto",
        "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
+# "auto" keeps one CPU for vLLM's scheduler process, which leaves one compute thread on a 2-core machine;
+# VLLM_CPU_NUM_OF_RESERVED_CPU=0 in bench/peers.py's environment gives it every core (passed through).
+ENV |= {key: os.environ[key] for key in ("VLLM_CPU_NUM_OF_RESERVED_CPU",) if key in os.environ}
 
 
 class TreeServer(ServerProcess):
