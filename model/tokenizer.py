@@ -11,6 +11,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from model.chat_template import DEFAULT, TOOL_USE, ChatTemplate, ChatTemplateError, special_token_texts, \
     templates_from_folder
 from model.loading.weights import LoadError
+from model.spm_vocab import spm_tokenizer, spm_token_bytes
 
 __all__ = ["ChatTemplateError", "TextTokenizer", "tokenizer_from_folder", "tokenizer_from_gguf"]
 
@@ -54,7 +55,8 @@ class TextTokenizer:
     (generation_config.json's list, e.g. Llama 3's <|eot_id|>, Gemma's <end_of_turn>; a GGUF's EOT/EOM ids)."""
 
     def __init__(self, tokenizer: Tokenizer, bos_token_id: int | None, eos_token_id: int | None,
-                 chat: ChatTemplate | str | None, add_bos: bool = False, extra_eos_ids: tuple[int, ...] = ()):
+                 chat: ChatTemplate | str | None, add_bos: bool = False, extra_eos_ids: tuple[int, ...] = (),
+                 token_bytes: list[bytes] | None = None):
         self.tokenizer = tokenizer
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
@@ -66,9 +68,10 @@ class TextTokenizer:
         self.add_bos = add_bos
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.special_ids = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        self._token_bytes = self._build_token_bytes()
+        self._token_bytes = token_bytes or self._build_token_bytes()
 
     def _build_token_bytes(self) -> list[bytes]:
+        """A byte-level BPE's tokens' bytes (GPT-2's character map back to bytes)."""
         decoder, specials = _byte_decoder(), set(self.special_ids.values())
         table = []
         for i in range(self.vocab_size):
@@ -120,23 +123,32 @@ def tokenizer_from_gguf(reader, path: Path) -> TextTokenizer:
     from model.loading.gguf_file import metadata
 
     kind = metadata(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise LoadError(f"{path}: unsupported tokenizer.ggml.model {kind!r} (supported: gpt2 byte-level BPE)")
     tokens = metadata(reader, "tokenizer.ggml.tokens")
-    merges = [tuple(m.split(" ", 1)) for m in metadata(reader, "tokenizer.ggml.merges", [])]
     types = metadata(reader, "tokenizer.ggml.token_type", [1] * len(tokens))
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                               fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(metadata(reader, "tokenizer.ggml.pre"))
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                            for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)])
+    token_bytes = None
+    if kind == "llama":
+        tok = spm_tokenizer(tokens, metadata(reader, "tokenizer.ggml.scores"), types,
+                            metadata(reader, "tokenizer.ggml.unknown_token_id"),
+                            bool(metadata(reader, "tokenizer.ggml.add_space_prefix", True)))
+        token_bytes = spm_token_bytes(tokens, types)
+    elif kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in metadata(reader, "tokenizer.ggml.merges", [])]
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                   fuse_unk=False, byte_fallback=False))
+        tok.pre_tokenizer = _pre_tokenizer(metadata(reader, "tokenizer.ggml.pre"))
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                                for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)])
+    else:
+        raise LoadError(f"{path}: unsupported tokenizer.ggml.model {kind!r} "
+                        "(supported: gpt2 byte-level BPE, llama SentencePiece)")
     # llama.cpp ends a generation at its end-of-turn and end-of-message tokens too, where a file names them.
-    extra_eos = tuple(metadata(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eot", "eom"))
+    extra_eos = tuple(metadata(reader, f"tokenizer.ggml.{name}_token_id") for name in ("eot", "eom"))
     return TextTokenizer(tok, metadata(reader, "tokenizer.ggml.bos_token_id"),
                          metadata(reader, "tokenizer.ggml.eos_token_id"),
                          metadata(reader, "tokenizer.chat_template"),
-                         add_bos=bool(metadata(reader, "tokenizer.ggml.add_bos_token", False)), extra_eos_ids=extra_eos)
+                         add_bos=bool(metadata(reader, "tokenizer.ggml.add_bos_token", kind == "llama")), extra_eos_ids=extra_eos,
+                         token_bytes=token_bytes)
 
 
 def tokenizer_from_folder(folder: Path) -> TextTokenizer:

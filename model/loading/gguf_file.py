@@ -20,11 +20,12 @@ except ImportError:  # pragma: no cover - gguf is a runtime dependency
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "olmo2", "gpt2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "olmo2", "gpt2")
 # llama.cpp's converter reorders q/k rows for its "normal" RoPE (llama) only; qwen2 and qwen3 use its NEOX
 # RoPE, the half-split layout kvserve computes, and are stored as they are.
 _PERMUTED = {"llama"}
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1's per-frequency scaling factors, read into the config
+LONGROPE = ("rope_factors_short.weight", "rope_factors_long.weight")  # Phi-3 128k's, read into the config too
 
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 _LAYER_NAMES = {  # llama.cpp tensor name -> canonical suffix
@@ -123,9 +124,15 @@ def _family_options(reader, arch: str, common: dict) -> dict:
 
 def _rope_scaling(reader, arch: str, path: Path) -> RopeScaling | None:
     """The file's RoPE scaling: Llama 3.1's factors tensor, or linear / yarn from the metadata."""
-    factors = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
-    if factors is not None:
-        return RopeScaling("factors", 1.0, frequency_factors=tuple(_dequantize(factors, path).tolist()))
+    tensors = {t.name: t for t in reader.tensors if t.name in (ROPE_FREQS, *LONGROPE)}
+    if ROPE_FREQS in tensors:
+        return RopeScaling("factors", 1.0, frequency_factors=tuple(_dequantize(tensors[ROPE_FREQS], path).tolist()))
+    if all(name in tensors for name in LONGROPE):
+        short, long = (tuple(_dequantize(tensors[name], path).tolist()) for name in LONGROPE)
+        original = int(metadata(reader, f"{arch}.rope.scaling.original_context_length"))
+        return RopeScaling("longrope", int(metadata(reader, f"{arch}.context_length")) / original, original,
+                           attention_factor=metadata(reader, f"{arch}.rope.scaling.attn_factor"),
+                           frequency_factors=short, long_factors=long)
     kind = metadata(reader, f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
@@ -169,7 +176,7 @@ def gguf_weights(reader, config: ModelConfig, path: Path) -> dict[str, torch.Ten
     weights: dict[str, torch.Tensor] = {}
     permuted = config.architecture in _PERMUTED
     for tensor in reader.tensors:
-        if tensor.name == ROPE_FREQS:
+        if tensor.name in (ROPE_FREQS, *LONGROPE):
             continue
         name = canonical_name(tensor.name, path)
         w = _dequantize(tensor, path)
@@ -177,7 +184,11 @@ def gguf_weights(reader, config: ModelConfig, path: Path) -> dict[str, torch.Ten
             w = unpermute_rope(w, config.num_heads)
         elif name.endswith(("attn.k.weight", "attn.k.bias")) and permuted:
             w = unpermute_rope(w, config.num_kv_heads)
-        if ".attn.qkv." in name:  # GPT-2 stores Q, K and V in one tensor
+        if ".ffn.up." in name and config.architecture == "phi3":  # Phi-3 keeps gate and up in one, gate first
+            gate, up = w.chunk(2)
+            weights[name.replace(".up.", ".gate.")], weights[name] = gate.contiguous(), up.contiguous()
+            continue
+        if ".attn.qkv." in name:  # GPT-2 and Phi-3 store Q, K and V in one tensor
             q_rows = config.num_heads * config.head_dim
             kv_rows = config.num_kv_heads * config.head_dim
             for part, piece in zip("qkv", w.split([q_rows, kv_rows, kv_rows])):

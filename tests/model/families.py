@@ -64,11 +64,11 @@ FAMILIES = {
 }
 
 
-def checkpoint(tmp_path_factory, tokenizer, family: str):
-    """transformers' model for the family, with random weights (norms near 1), saved as a folder with
-    SmolLM2's tokenizer."""
+def checkpoint(tmp_path_factory, tokenizer, family: str, **changes):
+    """transformers' model for the family (its config's fields changed as given), with random weights (norms
+    near 1), saved as a folder with SmolLM2's tokenizer."""
     config_class, options = FAMILIES[family]
-    config = config_class(**(COMMON | options))
+    config = config_class(**(COMMON | options | changes))
     torch.manual_seed(0)
     # Eager attention: transformers' plain-math path, the only one of its paths that soft-caps scores (its
     # SDPA path ignores Gemma 2's attn_logit_softcapping).

@@ -2,12 +2,12 @@
 (convert_hf_to_gguf.py from the llama-cpp-python sdist, which `make test` unpacks into
 .venv/llama.cpp), loaded by kvserve and run exactly as transformers runs the original.
 
-Three families are not among them. Mistral: llama.cpp's converter writes it as the llama architecture without
-its sliding window, so its GGUF is a different model (full attention) from the checkpoint. Phi-3 and Gemma 2:
-the converter wants a SentencePiece tokenizer.model, which the test checkpoints (SmolLM2's BPE tokenizer) lack,
-so kvserve does not claim Phi-3 GGUF files yet; it reads Gemma 2's as llama.cpp does (gemma3's code path, plus
-soft-capping), unverified by a converted file. (Real Gemma and Phi-3 GGUF files also carry a SentencePiece
-vocabulary, which kvserve's GGUF tokenizer does not read yet.)"""
+Gemma 2 and Phi-3's converter wants a SentencePiece tokenizer.model: their folders get a small one trained here
+(sentencepiece_model.py), which makes their GGUF's vocabulary SentencePiece's (read by model/spm_vocab.py).
+Mistral is not among them: llama.cpp's converter writes it as the llama architecture without its sliding
+window, so its GGUF is a different model (full attention) from the checkpoint; kvserve runs such a file as
+llama.cpp does, with full attention. The Gemma 3 text model inside a multimodal checkpoint converts to an mmproj
+file beside the text model's in llama.cpp; kvserve reads the text model's file, checked here as gemma3."""
 from __future__ import annotations
 
 import os
@@ -17,12 +17,18 @@ import sys
 import pytest
 
 from model.loading import load_model
+from tests.model import sentencepiece_model
 from tests.model.families import FAMILIES, assert_runs_like, checkpoint
 from tests.server_process import REPO
 
 CONVERTER = REPO / ".venv" / "llama.cpp" / "convert_hf_to_gguf.py"
 ARCHITECTURES = {"llama3": "llama", "llama-linear-rope": "llama", "llama-yarn-rope": "llama", "qwen2": "qwen2",
-                 "qwen3": "qwen3", "gemma3": "gemma3", "olmo2": "olmo2"}
+                 "qwen3": "qwen3", "phi3": "phi3", "phi3-longrope": "phi3", "gemma2": "gemma2", "gemma3": "gemma3",
+                 "olmo2": "olmo2"}
+NEEDS_SENTENCEPIECE = {"phi3", "phi3-longrope", "gemma2"}
+# A GGUF does not carry Gemma 2's query_pre_attn_scalar: llama.cpp scales queries by head_dim ** -0.5 (hidden /
+# heads in the 27B model), as the published models do, so the converted checkpoint has it so.
+CHANGES = {"gemma2": {"query_pre_attn_scalar": 32}}
 GGUF_FAMILIES = [family for family in FAMILIES if family in ARCHITECTURES]
 
 
@@ -38,7 +44,9 @@ def convert(folder) -> str:
 
 @pytest.mark.parametrize("family", GGUF_FAMILIES)
 def test_converted_gguf_runs_like_transformers(tmp_path_factory, smollm2_tokenizer, family):
-    reference, folder = checkpoint(tmp_path_factory, smollm2_tokenizer, family)
+    reference, folder = checkpoint(tmp_path_factory, smollm2_tokenizer, family, **CHANGES.get(family, {}))
+    if family in NEEDS_SENTENCEPIECE:
+        sentencepiece_model.train(folder)
     loaded = load_model(convert(folder))
     assert loaded.config.architecture == ARCHITECTURES[family]
     assert_runs_like(loaded, reference)
