@@ -8,7 +8,7 @@ Each request is sent twice, with `speculative_ngram: 0` (off) and without it (th
 alternating which goes first. tok/s of a request = output tokens / (last token - first token), the
 decode rate; TTFT is the same either way (drafting starts after prefill). Medians over requests.
 
-Two servers, the CPU defaults (int4 + bf16) plus:
+Two servers, the CPU defaults (int4 on the native kernels, float32 activations) plus:
   1. `--speculative-ngram K` with the default --speculative-max-batch: single stream and 16 clients
      (aggregate output tok/s = all output tokens / wall time, EOS ignored so both sides do the same work)
      on both workloads.
@@ -97,15 +97,14 @@ def main() -> None:
     lines = [f"# Speculative decoding with n-gram drafts ({datetime.date.today()})", "",
              f"`OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/speculative.py {' '.join(sys.argv[1:])}`", "",
              f"Machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start. Server: CPU "
-             f"defaults (int4 + bf16), `--speculative-ngram {args.k}`; greedy, up to {args.max_tokens} output "
+             f"defaults (int4 native kernels, float32 activations), `--speculative-ngram {args.k}`; greedy, up to {args.max_tokens} output "
              "tokens, EOS honoured (16 clients: ignored, every answer exactly that long); each request with drafts off "
              "and on, alternating. Per-request tok/s is the decode rate (first to last token); 16 clients: all "
              "output tokens / wall time.", ""]
     with ServerProcess("--speculative-ngram", str(args.k), startup_timeout=300) as server:
         single = {name: asyncio.run(measure(server.url, build(args.single, args.max_tokens), 1))
                   for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
-        # Every request exactly max_tokens long: on the int4 default the two sides' greedy answers can differ
-        # (issue 19), and with EOS honoured a different length distribution moves the aggregate more than drafts.
+        # Every request exactly max_tokens long, so that both sides do the same work whatever their answers.
         many = {name: asyncio.run(measure(server.url, build(32, args.max_tokens), 16, ignore_eos=True))
                 for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
     lines += ["| workload | drafts off tok/s | drafts on tok/s | on / off |", "|---|---|---|---|"]
