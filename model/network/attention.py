@@ -267,7 +267,7 @@ def attend_cached(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: fl
                   softcap: float | None = None) -> torch.Tensor:
     """Attend every new token to its context, the step's K/V being in the cache already."""
     if meta.native is not None:
-        return _attend_native(q, kv_cache, meta, scale)
+        return _attend_native(q, kv_cache, meta, scale, softcap)
     if meta.decode is not None and not meta.prefills:
         # Every token is a decode row, in order: no need to pick the rows out and put them back.
         return _attend_decode(q, *kv_cache, meta.decode, scale, meta.sliding_window, every_row=True, softcap=softcap)
@@ -278,21 +278,25 @@ def attend_cached(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: fl
     return _attend_prefills(out, q, k, v, kv_cache, meta, scale, softcap)
 
 
-def _attend_native(q, kv_cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _attend_native(q, kv_cache: KVCache, meta: AttentionMetadata, scale: float,
+                   softcap: float | None = None) -> torch.Tensor:
     rows = meta.native
     return torch.ops.kvserve.paged_attention(q.contiguous(), *kv_cache, rows.block_tables, rows.token_rows,
-                                             meta.positions, rows.block_size, scale, meta.sliding_window or 0)
+                                             meta.positions, rows.block_size, scale, meta.sliding_window or 0,
+                                             softcap or 0.0)
 
 
 def native_rotary_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                            meta: AttentionMetadata, kv_cache: KVCache, scale: float, num_heads: int) -> torch.Tensor:
+                            meta: AttentionMetadata, kv_cache: KVCache, scale: float, num_heads: int,
+                            softcap: float | None = None) -> torch.Tensor:
     """The fused QKV projection's output -> (T, nh, hd) in one native op: RoPE on q and k, the K/V cache
-    write, attention (no RoPE: rope None)."""
+    write, attention (no RoPE: rope None; softcap: Gemma 2's capped scores)."""
     cos, sin = rope if rope is not None else (qkv.new_empty(0), qkv.new_empty(0))
     rows = meta.native
     return torch.ops.kvserve.rotary_paged_attention(qkv.contiguous(), cos, sin, *kv_cache, meta.slot_mapping,
                                                     rows.block_tables, rows.token_rows, meta.positions,
-                                                    rows.block_size, scale, meta.sliding_window or 0, num_heads)
+                                                    rows.block_size, scale, meta.sliding_window or 0, num_heads,
+                                                    softcap or 0.0)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -153,11 +153,11 @@ class Attention(nn.Module):
         cfg = self.config
         if self.q_norm is not None:
             qkv = self._norm_qk(qkv)
-        if (meta.native is not None or meta.triton_attention) and self.softcap is not None:
-            raise ValueError("attention soft-capping runs on the torch attention path only: build the "
-                             "metadata with native_attention=False, triton_attention=False")
+        if meta.triton_attention and self.softcap is not None:
+            raise ValueError("the Triton attention kernels do not soft-cap scores: build the metadata with "
+                             "triton_attention=False")
         if meta.native is not None and kv_cache is not None:
-            out = native_rotary_attention(qkv, rope, meta, kv_cache, self.scale, cfg.num_heads)
+            out = native_rotary_attention(qkv, rope, meta, kv_cache, self.scale, cfg.num_heads, self.softcap)
         elif meta.triton_attention and rope is not None and kv_cache is not None:
             q, k, v = rope_store_kv(qkv, *rope, meta.slot_mapping, kv_cache, cfg.num_heads, cfg.num_kv_heads,
                                     cfg.head_dim)

@@ -67,11 +67,13 @@ class Runner:
         self.device = loaded.device
         self.cache = cache
         self.kernels = KernelPlan() if triton_available(self.device) else None
-        # None: the fused attention kernels (native CPU, Triton) wherever they run; False: torch's attention.
-        self.fused_attention = None if loaded.config.attention_softcap is None else False
-        if self.fused_attention is False:
-            log.info("attention soft-capping (%s) runs on torch's attention ops: the native CPU and Triton "
-                     "attention kernels do not implement it", loaded.config.architecture)
+        # None: the fused attention kernels (native CPU, Triton) wherever they run; False: torch's attention,
+        # on a GPU for a model whose scores are soft-capped (the native CPU kernel caps them, Triton's do not).
+        capped_on_gpu = loaded.config.attention_softcap is not None and self.device.type != "cpu"
+        self.fused_attention = False if capped_on_gpu else None
+        if capped_on_gpu:
+            log.info("attention soft-capping (%s) runs on torch's attention ops: the Triton attention kernels "
+                     "do not implement it", loaded.config.architecture)
         # A graph's metadata has no sequence lengths, which dynamic NTK and longrope rotate by.
         scaling = loaded.config.rope_scaling
         use_graphs = cuda_graphs and self.kernels is not None and self.fused_attention is None \

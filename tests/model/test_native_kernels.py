@@ -92,10 +92,22 @@ def cached_step(query_lens, context_lens, dtype, kv_dtype, window, seed=0):
     return tables, (k_cache, v_cache), q, k, v, block
 
 
-def attend(step, query_lens, context_lens, window, native_attention: bool):
+def attend(step, query_lens, context_lens, window, native_attention: bool, softcap: float | None = None):
     tables, (k_cache, v_cache), q, k, v, block = step
     meta = AttentionMetadata.build(query_lens, context_lens, tables, block, window, native_attention=native_attention)
-    return paged_attention(q, k, v, (k_cache.clone(), v_cache.clone()), meta, 64 ** -0.5)
+    return paged_attention(q, k, v, (k_cache.clone(), v_cache.clone()), meta, 64 ** -0.5, softcap)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_native_attention_soft_caps_scores_as_the_torch_reference_does(window):
+    """Gemma 2's cap * tanh(score / cap), with a cap small enough that most scores are bent by it."""
+    query_lens, context_lens = [1, 37, 1, 5, 100], [50, 37, 3, 70, 128]
+    step = cached_step(query_lens, context_lens, torch.float32, torch.float32, window)
+    got = attend(step, query_lens, context_lens, window, native_attention=True, softcap=1.5)
+    expected = attend(step, query_lens, context_lens, window, native_attention=False, softcap=1.5)
+    uncapped = attend(step, query_lens, context_lens, window, native_attention=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+    assert (expected - uncapped).abs().max() > 0.1  # the cap changed the answer
 
 
 @pytest.mark.parametrize("window", [None, 20])

@@ -32,6 +32,7 @@ struct Task {
   const Cache& c;
   int64_t seq, pos, lo, kv, group;
   float scale;
+  float softcap;  // > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: none
   std::vector<int64_t> rows;  // rows[key - lo]: where key's K/V for head kv start, in elements
 
   void find_rows() {  // the table walked once (a division per key would cost more than its dot products)
@@ -64,7 +65,17 @@ inline __m512 reduce16(const __m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
-// Lane l of the result: q . K[start + l] * scale for keys in [first, last), -inf elsewhere.
+// cap * tanh(x / cap), tanh(y) as 1 - 2 / (exp(2y) + 1): exact at both ends (exp overflowing to inf gives 1),
+// and its absolute error near 0 is cap times float's epsilon, what a softmax input can tell apart.
+inline __m512 softcap16(__m512 x, float cap) {
+  const __m512 e = exp16(_mm512_mul_ps(x, _mm512_set1_ps(2.f / cap)));
+  const __m512 th = _mm512_sub_ps(_mm512_set1_ps(1.f),
+                                    _mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(e, _mm512_set1_ps(1.f))));
+  return _mm512_mul_ps(th, _mm512_set1_ps(cap));
+}
+
+// Lane l of the result: q . K[start + l] * scale (soft-capped if the task says so) for keys in [first, last),
+// -inf elsewhere.
 template <int NV, typename KV>
 inline __m512 scores16(const __m512* q, const KV* k_cache, const Task& t, int64_t start, int64_t first,
                        int64_t last) {
@@ -80,7 +91,8 @@ inline __m512 scores16(const __m512* q, const KV* k_cache, const Task& t, int64_
   }
   const int64_t lo = std::clamp<int64_t>(first - start, 0, 16), hi = std::clamp<int64_t>(last - start, 0, 16);
   const __mmask16 valid = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
-  const __m512 scaled = _mm512_mul_ps(reduce16(dots), _mm512_set1_ps(t.scale));
+  __m512 scaled = _mm512_mul_ps(reduce16(dots), _mm512_set1_ps(t.scale));
+  if (t.softcap > 0.f) scaled = softcap16(scaled, t.softcap);
   return _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, scaled);
 }
 
@@ -137,6 +149,7 @@ void attend_generic(const Q* q, const KV* k_cache, const KV* v_cache, const Task
         float dot = 0.f;
         for (int64_t d = 0; d < hd; ++d) dot = std::fma(qf[d], static_cast<float>(k[d]), dot);
         p[key - first] = dot * t.scale;
+        if (t.softcap > 0.f) p[key - first] = t.softcap * (1.f - 2.f / (std::exp(2.f * p[key - first] / t.softcap) + 1.f));
         block_max = std::max(block_max, p[key - first]);
       }
       const float new_max = std::max(running_max, block_max), alpha = std::exp(running_max - new_max);
@@ -169,7 +182,8 @@ void attend_token(const Q* q, const KV* k_cache, const KV* v_cache, const Task& 
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& token_seq,
-                           const at::Tensor& token_pos, int64_t block_size, double scale, int64_t window) {
+                           const at::Tensor& token_pos, int64_t block_size, double scale, int64_t window,
+                           double softcap) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "q (T, heads, hd) and the caches must be contiguous");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V caches must have one dtype");
@@ -200,7 +214,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
           const int64_t kv = task % n_kv, pos = positions[t];
           const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
           const int64_t at = (t * heads + kv * group) * hd;
-          Task work{c, seqs[t], pos, lo, kv, group, float(scale), {}};
+          Task work{c, seqs[t], pos, lo, kv, group, float(scale), float(softcap), {}};
           work.find_rows();
           attend_token(qp + at, k_cache.data_ptr<KV>(), v_cache.data_ptr<KV>(), work, op + at);
         }
@@ -231,7 +245,7 @@ at::Tensor rotary_paged_attention(const at::Tensor& qkv, const at::Tensor& cos, 
                                   const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                                   const at::Tensor& token_seq, const at::Tensor& token_pos, int64_t block_size,
-                                  double scale, int64_t window, int64_t heads) {
+                                  double scale, int64_t window, int64_t heads, double softcap) {
   const int64_t T = qkv.size(0), n_kv = k_cache.size(1), hd = k_cache.size(2);
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (heads + 2 * n_kv) * hd,
               "qkv must be a contiguous (T, (heads + 2 kv_heads) * head_dim)");
@@ -263,17 +277,17 @@ at::Tensor rotary_paged_attention(const at::Tensor& qkv, const at::Tensor& cos, 
       });
     });
   });
-  return paged_attention(q, k_cache, v_cache, block_tables, token_seq, token_pos, block_size, scale, window);
+  return paged_attention(q, k_cache, v_cache, block_tables, token_seq, token_pos, block_size, scale, window, softcap);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kvserve, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_seq, "
-        "Tensor token_pos, int block_size, float scale, int window) -> Tensor");
+        "Tensor token_pos, int block_size, float scale, int window, float softcap=0.) -> Tensor");
   m.impl("paged_attention", c10::DispatchKey::CPU, TORCH_FN(paged_attention));
   m.def("rotary_paged_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping, Tensor block_tables, Tensor token_seq, Tensor token_pos, int block_size, "
-        "float scale, int window, int heads) -> Tensor");
+        "float scale, int window, int heads, float softcap=0.) -> Tensor");
   m.impl("rotary_paged_attention", c10::DispatchKey::CPU, TORCH_FN(rotary_paged_attention));
 }
