@@ -224,6 +224,10 @@ class FeedForward(nn.Module):
         return project(self.down_proj, h, kernels)
 
 
+def _maybe_norm(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if norm is None else norm(x)
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -248,9 +252,8 @@ class DecoderBlock(nn.Module):
             x = self.attn_norm(x + self.attn(x, rope, meta, kv_cache, kernels))
             return self.ffn_norm(x + self.ffn(x, kernels)), None
         # pre_post and sublayer_post: a norm on each sublayer's output, and before it where there is one.
-        before = (lambda norm, h: h if norm is None else norm(h))
-        x = x + self.attn_post_norm(self.attn(before(self.attn_norm, x), rope, meta, kv_cache, kernels))
-        return x + self.ffn_post_norm(self.ffn(before(self.ffn_norm, x), kernels)), None
+        x = x + self.attn_post_norm(self.attn(_maybe_norm(self.attn_norm, x), rope, meta, kv_cache, kernels))
+        return x + self.ffn_post_norm(self.ffn(_maybe_norm(self.ffn_norm, x), kernels)), None
 
     def fused_projections(self) -> list[tuple[str, nn.Module]]:
         """(kind, projection) pairs whose input model/kernels/gemv.py can compute as it loads it."""
