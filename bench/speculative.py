@@ -47,29 +47,31 @@ def chat(text: str) -> str:
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def grounded_prompts(count: int, max_tokens: int) -> list[Prompt]:
+def grounded_prompts(count: int, max_tokens: int, label: str = "") -> list[Prompt]:
     readme = (REPO / "README.md").read_text()
     texts = [readme[2000 + 2100 * i: 2000 + 2100 * (i + 1)] for i in range(8)]  # ~500 tokens each
     # "Request i" first: no two prompts share a cached prefix, though texts and tasks repeat past 8.
-    return [Prompt(chat(f"Request {i}.\n{texts[i % 8]}\n\n{TASKS[i % len(TASKS)]}"), 0, max_tokens)
+    return [Prompt(chat(f"Request {label}{i}.\n{texts[i % 8]}\n\n{TASKS[i % len(TASKS)]}"), 0, max_tokens)
             for i in range(count)]
 
 
-def open_prompts(count: int, max_tokens: int) -> list[Prompt]:
-    return [Prompt(chat(OPEN[i % len(OPEN)] + f" (version {i})"), 0, max_tokens) for i in range(count)]
+def open_prompts(count: int, max_tokens: int, label: str = "") -> list[Prompt]:
+    return [Prompt(chat(f"({label}{i}) " + OPEN[i % len(OPEN)]), 0, max_tokens) for i in range(count)]
 
 
 def decode_rate(record) -> float:
     return (record.output_tokens - 1) / (record.token_times[-1] - record.token_times[0])
 
 
-async def measure(url: str, prompts: list[Prompt], concurrency: int, ignore_eos: bool = False) -> dict:
-    """Drafts off and on, alternating order by prompt; per-request decode rates and aggregate tok/s."""
+async def measure(url: str, build, count: int, max_tokens: int, concurrency: int, ignore_eos: bool = False) -> dict:
+    """Drafts off and on, alternating order by batch; per-request decode rates and aggregate tok/s. Each side
+    gets the same tasks under its own label, so neither finds the other's prompts in the prefix cache."""
     results = {"off": {"rates": [], "tokens": 0, "seconds": 0.0}, "on": {"rates": [], "tokens": 0, "seconds": 0.0}}
+    prompts = {side: build(count, max_tokens, label=f"{side} ") for side in results}
     async with AsyncClient(url, timeout=600) as client:
-        batches = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)]
-        for number, batch in enumerate(batches):
+        for number, start in enumerate(range(0, count, concurrency)):
             for side in (("off", "on") if number % 2 == 0 else ("on", "off")):
+                batch = prompts[side][start:start + concurrency]
                 spec = LoadSpec(concurrency=concurrency, ignore_eos=ignore_eos, extra_body=OFF if side == "off" else {})
                 records, wall = await run_load(client, batch, spec)
                 failed = [r.error for r in records if not r.ok]
@@ -102,10 +104,10 @@ def main() -> None:
              "and on, alternating. Per-request tok/s is the decode rate (first to last token); 16 clients: all "
              "output tokens / wall time.", ""]
     with ServerProcess("--speculative-ngram", str(args.k), startup_timeout=300) as server:
-        single = {name: asyncio.run(measure(server.url, build(args.single, args.max_tokens), 1))
+        single = {name: asyncio.run(measure(server.url, build, args.single, args.max_tokens, 1))
                   for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
         # Every request exactly max_tokens long, so that both sides do the same work whatever their answers.
-        many = {name: asyncio.run(measure(server.url, build(32, args.max_tokens), 16, ignore_eos=True))
+        many = {name: asyncio.run(measure(server.url, build, 32, args.max_tokens, 16, ignore_eos=True))
                 for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
     lines += ["| workload | drafts off tok/s | drafts on tok/s | on / off |", "|---|---|---|---|"]
     lines += [row(f"{name}, 1 client (median per request)", single[name], "median_tok_s") for name in single]
@@ -114,7 +116,7 @@ def main() -> None:
         return write(lines, args.out)
     with ServerProcess("--speculative-ngram", str(args.k), "--speculative-max-batch", "64",
                        startup_timeout=300) as server:
-        sweep = {c: asyncio.run(measure(server.url, grounded_prompts(max(4, 2 * c), args.max_tokens), c))
+        sweep = {c: asyncio.run(measure(server.url, grounded_prompts, max(4, 2 * c), args.max_tokens, c))
                  for c in (1, 2, 4, 8, 16)}
     lines += ["", "Drafts at every batch size (`--speculative-max-batch 64`), grounded workload, aggregate tok/s:", "",
               "| concurrency | drafts off | drafts on | on / off |", "|---|---|---|---|"]
