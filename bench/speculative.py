@@ -27,6 +27,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import httpx
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -63,24 +65,41 @@ def decode_rate(record) -> float:
     return (record.output_tokens - 1) / (record.token_times[-1] - record.token_times[0])
 
 
+async def drafts_proposed(url: str) -> float:
+    """The server's kvserve_spec_decode_num_draft_tokens counter: how many drafts it has proposed so far."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        text = (await http.get(f"{url}/metrics")).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("kvserve_spec_decode_num_draft_tokens_total"))
+
+
 async def measure(url: str, build, count: int, max_tokens: int, concurrency: int, ignore_eos: bool = False) -> dict:
-    """Drafts off and on, alternating order by batch; per-request decode rates and aggregate tok/s. Each side
-    gets the same tasks under its own label, so neither finds the other's prompts in the prefix cache."""
-    results = {"off": {"rates": [], "tokens": 0, "seconds": 0.0}, "on": {"rates": [], "tokens": 0, "seconds": 0.0}}
+    """Drafts off and on, alternating order by batch; per-request decode rates, aggregate tok/s, each batch
+    pair's on/off ratio and the drafts each side proposed. Each side gets the same tasks under its own label,
+    so neither finds the other's prompts in the prefix cache."""
+    results = {side: {"rates": [], "tokens": 0, "seconds": 0.0, "batches": [], "drafts": 0.0}
+               for side in ("off", "on")}
     prompts = {side: build(count, max_tokens, label=f"{side} ") for side in results}
     async with AsyncClient(url, timeout=600) as client:
         for number, start in enumerate(range(0, count, concurrency)):
             for side in (("off", "on") if number % 2 == 0 else ("on", "off")):
                 batch = prompts[side][start:start + concurrency]
                 spec = LoadSpec(concurrency=concurrency, ignore_eos=ignore_eos, extra_body=OFF if side == "off" else {})
+                before = await drafts_proposed(url)
                 records, wall = await run_load(client, batch, spec)
                 failed = [r.error for r in records if not r.ok]
                 assert not failed, failed
+                tokens = sum(r.output_tokens for r in records)
                 results[side]["rates"] += [decode_rate(r) for r in records if r.output_tokens > 1]
-                results[side]["tokens"] += sum(r.output_tokens for r in records)
+                results[side]["tokens"] += tokens
                 results[side]["seconds"] += wall
-    return {side: {"median_tok_s": statistics.median(r["rates"]), "aggregate_tok_s": r["tokens"] / r["seconds"]}
-            for side, r in results.items()}
+                results[side]["batches"].append(tokens / wall)
+                results[side]["drafts"] += await drafts_proposed(url) - before
+    summary = {side: {"median_tok_s": statistics.median(r["rates"]), "aggregate_tok_s": r["tokens"] / r["seconds"],
+                      "rates": r["rates"], "drafts_per_token": r["drafts"] / r["tokens"]}
+               for side, r in results.items()}
+    summary["batch_ratios"] = [on / off for off, on in zip(results["off"]["batches"], results["on"]["batches"])]
+    return summary
 
 
 def row(label: str, measured: dict, key: str) -> str:
@@ -88,30 +107,60 @@ def row(label: str, measured: dict, key: str) -> str:
     return f"| {label} | {off:.1f} | {on:.1f} | {on / off:.2f}x |"
 
 
+def many_row(label: str, measured: dict) -> str:
+    """16 clients: aggregate tok/s, the median and range of the batch pairs' ratios, drafts per output token."""
+    ratios = measured["batch_ratios"]
+    return (f"{row(label, measured, 'aggregate_tok_s')} {statistics.median(ratios):.2f}x "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) | {measured['on']['drafts_per_token']:.3f} |")
+
+
+def task_rows(measured: dict) -> list[str]:
+    """Grounded single stream per task (request i has task i % len(TASKS)): where drafts pay and where not."""
+    lines = []
+    for number, task in enumerate(TASKS):
+        off, on = (statistics.median(measured[side]["rates"][number::len(TASKS)]) for side in ("off", "on"))
+        lines.append(f"| {task} | {off:.1f} | {on:.1f} | {on / off:.2f}x |")
+    return lines
+
+
+def single_and_many(url: str, args) -> list[str]:
+    """The default server's tables: single stream per workload (and per grounded task), 16 clients."""
+    single = {name: asyncio.run(measure(url, build, args.single, args.max_tokens, 1))
+              for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
+    # Every request exactly max_tokens long, so that both sides do the same work whatever their answers.
+    many = {name: asyncio.run(measure(url, build, 16 * args.batches, args.max_tokens, 16, ignore_eos=True))
+            for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
+    lines = ["| workload | drafts off tok/s | drafts on tok/s | on / off |", "|---|---|---|---|"]
+    lines += [row(f"{name}, 1 client (median per request)", single[name], "median_tok_s") for name in single]
+    lines += ["", f"Grounded single stream by task (median of {args.single // len(TASKS)} requests each):", "",
+              "| task | drafts off tok/s | drafts on tok/s | on / off |", "|---|---|---|---|"]
+    lines += task_rows(single["grounded"])
+    lines += ["", f"16 clients, {args.batches} batches of 16 per side (aggregate = all output tokens / wall time; "
+              "each batch pair's ratio, median and range; drafts the on side proposed per output token):", "",
+              "| workload | drafts off tok/s | drafts on tok/s | on / off | batch pairs | drafts / token |",
+              "|---|---|---|---|---|---|"]
+    lines += [many_row(f"{name}, 16 clients", many[name]) for name in many]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--k", type=int, default=4, help="--speculative-ngram of the servers")
     parser.add_argument("--max-tokens", type=int, default=160)
-    parser.add_argument("--single", type=int, default=8, help="prompts per workload, single stream")
+    parser.add_argument("--single", type=int, default=24, help="prompts per workload, single stream")
+    parser.add_argument("--batches", type=int, default=4, help="batches of 16 per side and workload, 16 clients")
     parser.add_argument("--skip-sweep", action="store_true", help="only the default server's measurements")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     lines = [f"# Speculative decoding with n-gram drafts ({datetime.date.today()})", "",
              f"`OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/speculative.py {' '.join(sys.argv[1:])}`", "",
              f"Machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start. Server: CPU "
-             f"defaults (int4 native kernels, float32 activations), `--speculative-ngram {args.k}`; greedy, up to {args.max_tokens} output "
-             "tokens, EOS honoured (16 clients: ignored, every answer exactly that long); each request with drafts off "
-             "and on, alternating. Per-request tok/s is the decode rate (first to last token); 16 clients: all "
-             "output tokens / wall time.", ""]
+             f"defaults (int4 native kernels, float32 activations), `--speculative-ngram {args.k}`; greedy, up to "
+             f"{args.max_tokens} output tokens, EOS honoured (16 clients: ignored, every answer exactly that long); "
+             "each request with drafts off and on, alternating. Per-request tok/s is the decode rate (first to last "
+             "token).", ""]
     with ServerProcess("--speculative-ngram", str(args.k), startup_timeout=300) as server:
-        single = {name: asyncio.run(measure(server.url, build, args.single, args.max_tokens, 1))
-                  for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
-        # Every request exactly max_tokens long, so that both sides do the same work whatever their answers.
-        many = {name: asyncio.run(measure(server.url, build, 32, args.max_tokens, 16, ignore_eos=True))
-                for name, build in (("grounded", grounded_prompts), ("open-ended", open_prompts))}
-    lines += ["| workload | drafts off tok/s | drafts on tok/s | on / off |", "|---|---|---|---|"]
-    lines += [row(f"{name}, 1 client (median per request)", single[name], "median_tok_s") for name in single]
-    lines += [row(f"{name}, 16 clients (aggregate)", many[name], "aggregate_tok_s") for name in many]
+        lines += single_and_many(server.url, args)
     if args.skip_sweep:
         return write(lines, args.out)
     with ServerProcess("--speculative-ngram", str(args.k), "--speculative-max-batch", "64",

@@ -49,6 +49,6 @@ class EngineConfig:
     speculative_ngram: int = setting(0, "speculative decoding: up to this many draft tokens a step, looked up "
                                      "in the sequence's own prompt and output (0: off; a request's "
                                      "speculative_ngram overrides it)", ge=0, le=16)
-    # 1 from bench/results/speculative.md: on 2 CPU cores drafting gains nothing at 2 running sequences and
-    # costs 30% at 4.
+    # 1 from bench/results/speculative.md: on 2 CPU cores, drafting in every batch paid at 2 running sequences
+    # (1.20x, 1.42x) and went either way at 4-8 (0.71-1.31x) over one or two batches a level; 1 is never a loss.
     speculative_max_batch: int = setting(1, "draft only while at most this many sequences run", ge=1)
