@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
-from model.loading.weights import LoadError
+from model.loading.weights import LazyWeights, LoadError
 from model.network.rope import RopeScaling
 
 try:
@@ -143,14 +143,30 @@ def _rope_scaling(reader, arch: str, path: Path) -> RopeScaling | None:
         raise LoadError(f"{path}: {exc}") from exc
 
 
-def _dequantize(tensor, path: Path) -> torch.Tensor:
+def _check_type(tensor, path: Path) -> None:
     kind = Q(tensor.tensor_type).name
     if kind not in SUPPORTED_TYPES:
         raise LoadError(f"{path}: tensor {tensor.name!r} has unsupported type {kind} "
                         f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})")
-    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-    data = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-    return torch.from_numpy(data.reshape(shape).copy())
+
+
+def _shape(tensor) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+
+
+def _dequantize(tensor, path: Path, rows_at_once: int = 4096) -> torch.Tensor:
+    """The tensor as float32, dequantized rows_at_once rows at a time: gguf's dequantizer makes several
+    float temporaries the size of its input, as large as the whole embedding's float32 copy (113 MB for
+    SmolLM2's) when it is given the whole table."""
+    _check_type(tensor, path)
+    shape = _shape(tensor)
+    out = np.empty(shape, dtype=np.float32)
+    rows = out.reshape(-1, shape[-1]) if len(shape) > 1 else out.reshape(1, -1)
+    data = tensor.data.reshape(len(rows), -1)  # one row of elements (or of their blocks' bytes) a line
+    for start in range(0, len(rows), rows_at_once):
+        piece = gguf.quants.dequantize(data[start:start + rows_at_once], tensor.tensor_type)
+        rows[start:start + rows_at_once] = piece.reshape(len(piece), -1)
+    return torch.from_numpy(out)
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -172,27 +188,25 @@ def canonical_name(name: str, path: Path) -> str:
     raise LoadError(f"{path}: unexpected tensor {name!r}")
 
 
-def gguf_weights(reader, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
-    weights: dict[str, torch.Tensor] = {}
+def gguf_weights(reader, config: ModelConfig, path: Path) -> LazyWeights:
+    """The file's tensors in the canonical layout, dequantized to float32 as they are read (LazyWeights
+    says why); unknown names and storage types are refused here, before anything is read."""
+    tensors = {t.name: t for t in reader.tensors if t.name not in (ROPE_FREQS, *LONGROPE)}
+    weights = LazyWeights(lambda key: _dequantize(tensors[key], path))
     permuted = config.architecture in _PERMUTED
-    for tensor in reader.tensors:
-        if tensor.name in (ROPE_FREQS, *LONGROPE):
-            continue
-        name = canonical_name(tensor.name, path)
-        w = _dequantize(tensor, path)
-        if name.endswith(("attn.q.weight", "attn.q.bias")) and permuted:
-            w = unpermute_rope(w, config.num_heads)
-        elif name.endswith(("attn.k.weight", "attn.k.bias")) and permuted:
-            w = unpermute_rope(w, config.num_kv_heads)
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    for key, tensor in tensors.items():
+        _check_type(tensor, path)
+        name, shape = canonical_name(key, path), _shape(tensor)
         if ".ffn.up." in name and config.architecture == "phi3":  # Phi-3 keeps gate and up in one, gate first
-            gate, up = w.chunk(2)
-            weights[name.replace(".up.", ".gate.")], weights[name] = gate.contiguous(), up.contiguous()
-            continue
-        if ".attn.qkv." in name:  # GPT-2 and Phi-3 store Q, K and V in one tensor
-            q_rows = config.num_heads * config.head_dim
-            kv_rows = config.num_kv_heads * config.head_dim
-            for part, piece in zip("qkv", w.split([q_rows, kv_rows, kv_rows])):
-                weights[name.replace(".qkv.", f".{part}.")] = piece.contiguous()
-            continue
-        weights[name] = w
+            weights.add_pieces([name.replace(".up.", ".gate."), name], key, shape, [shape[0] // 2] * 2)
+        elif ".attn.qkv." in name:  # GPT-2 and Phi-3 store Q, K and V in one tensor
+            weights.add_pieces([name.replace(".qkv.", f".{part}.") for part in "qkv"], key, shape,
+                               [q_rows, kv_rows, kv_rows])
+        elif name.endswith(("attn.q.weight", "attn.q.bias")) and permuted:
+            weights.add(name, key, shape, lambda w: unpermute_rope(w, config.num_heads))
+        elif name.endswith(("attn.k.weight", "attn.k.bias")) and permuted:
+            weights.add(name, key, shape, lambda w: unpermute_rope(w, config.num_kv_heads))
+        else:
+            weights.add(name, key, shape)
     return weights

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-from model.loading.weights import LoadError
+from model.loading.weights import LazyWeights, LoadError
 from model.network.rope import rope_scaling_from_hf
 
 LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
@@ -142,37 +142,50 @@ def canonical_name(name: str, source: str, architecture: str = "llama") -> str |
     raise LoadError(f"{source}: unexpected tensor {name!r}")
 
 
-def hf_weights(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def hf_weights(folder: Path, config: ModelConfig) -> LazyWeights:
+    """The folder's tensors in the canonical layout, as float32 when read (LazyWeights says why)."""
+    from safetensors import safe_open
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise LoadError(f"{folder}: no *.safetensors files")
-    weights: dict[str, torch.Tensor] = {}
+    file_of: dict[str, Path] = {}
+    weights = LazyWeights(lambda raw_name: _read(file_of[raw_name], raw_name, config))
     for file in files:
-        for raw_name, tensor in load_file(str(file)).items():
+        with safe_open(str(file), framework="pt") as opened:
+            shapes = {raw_name: tuple(opened.get_slice(raw_name).get_shape()) for raw_name in opened.keys()}
+        for raw_name, shape in shapes.items():
             name = canonical_name(raw_name, str(file), config.architecture)
-            if name is None:
-                continue
-            tensor = tensor.float()
-            if config.architecture in GEMMA_TYPES and raw_name.endswith("norm.weight"):
-                tensor = tensor + 1  # the 1 + w Gemma's RMSNorm scales by, so that ours computes the same
-            if raw_name.removeprefix("transformer.").startswith("h.") and tensor.dim() == 2:
-                tensor = tensor.t()  # GPT-2's Conv1D layers store (in, out)
-            if ".attn.qkv." in name or ".ffn.gate_up." in name:
-                weights.update(_split_fused(name, tensor, config))
-                continue
-            weights[name] = tensor.contiguous()
-    if config.tie_embeddings:
-        weights.pop("lm_head.weight", None)  # some tied checkpoints still store the shared matrix
+            if name is None or (name == "lm_head.weight" and config.tie_embeddings):
+                continue  # some tied checkpoints still store the shared matrix
+            file_of[raw_name] = file
+            if _is_conv1d(raw_name, shape):
+                shape = shape[::-1]
+            if ".attn.qkv." in name:  # GPT-2's and Phi-3's Q, K and V in one matrix
+                q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+                weights.add_pieces([name.replace(".qkv.", f".{part}.") for part in "qkv"], raw_name, shape,
+                                   [q, kv, kv])
+            elif ".ffn.gate_up." in name:  # Phi-3's gate and up in one, gate first
+                weights.add_pieces([name.replace(".gate_up.", f".{part}.") for part in ("gate", "up")],
+                                   raw_name, shape, [shape[0] // 2] * 2)
+            else:
+                weights.add(name, raw_name, shape)
     return weights
 
 
-def _split_fused(name: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """A fused checkpoint matrix (GPT-2's and Phi-3's qkv, Phi-3's gate_up) as our separate tensors."""
-    if ".ffn.gate_up." in name:
-        return {name.replace(".gate_up.", f".{part}."): piece.contiguous()
-                for part, piece in zip(("gate", "up"), tensor.chunk(2))}
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    return {name.replace(".qkv.", f".{part}."): piece.contiguous()
-            for part, piece in zip("qkv", tensor.split([q, kv, kv]))}
+def _is_conv1d(raw_name: str, shape: tuple[int, ...]) -> bool:
+    """GPT-2's Conv1D layers store their matrices as (in, out)."""
+    return raw_name.removeprefix("transformer.").startswith("h.") and len(shape) == 2
+
+
+def _read(file: Path, raw_name: str, config: ModelConfig) -> torch.Tensor:
+    """One checkpoint tensor as float32 in our layout (not yet split, if it is a fused matrix)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as opened:
+        tensor = opened.get_tensor(raw_name).float()
+    if config.architecture in GEMMA_TYPES and raw_name.endswith("norm.weight"):
+        tensor = tensor + 1  # the 1 + w Gemma's RMSNorm scales by, so that ours computes the same
+    if _is_conv1d(raw_name, tuple(tensor.shape)):
+        tensor = tensor.t()
+    return tensor.contiguous()

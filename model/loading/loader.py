@@ -14,7 +14,9 @@ import ctypes
 import gc
 import importlib.util
 import logging
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,11 +24,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from model.config import ModelConfig, preset, tiny
+from model.kernels import native
 from model.loading.gguf_file import gguf_config, gguf_weights, metadata, open_gguf
 from model.loading.hf_folder import hf_weights, read_hf_config
-from model.loading.weights import LoadError, check_weights, fuse, random_weights
+from model.loading.weights import (LoadError, block_state, check_weights, global_state, random_weights,
+                                    shape_of)
 from model.network.transformer import Transformer
-from model.quantization.quantize import quantize_model
+from model.quantization.quantize import check_quantization, quantize_block, quantize_head
 
 if TYPE_CHECKING:  # at run time read_model imports it: model.tokenizer imports this package for LoadError
     from model.tokenizer import TextTokenizer
@@ -71,8 +75,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def read_model(name: str) -> tuple[ModelConfig, dict[str, torch.Tensor], TextTokenizer | None, str]:
-    """Config, canonical fp32 weights and tokenizer for a model name (see the module docstring)."""
+def read_model(name: str) -> tuple[ModelConfig, Mapping[str, torch.Tensor], TextTokenizer | None, str]:
+    """Config, canonical fp32 weights (read lazily from a file) and tokenizer for a model name (see the module docstring)."""
     from model.tokenizer import tokenizer_from_folder, tokenizer_from_gguf
 
     if name.startswith("random:"):
@@ -94,15 +98,33 @@ def read_model(name: str) -> tuple[ModelConfig, dict[str, torch.Tensor], TextTok
     return config, gguf_weights(reader, config, path), tokenizer, str(path)
 
 
-def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], source: str,
-                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+def build_model(config: ModelConfig, weights: Mapping[str, torch.Tensor], source: str,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                quantization: str | None = None) -> Transformer:
+    """The Transformer with these weights, in dtype on device, quantized if asked (model/quantization).
+    It is assembled a block at a time, each block cast or quantized before the next is read: with lazy
+    weights (model/loading/weights.py's LazyWeights) loading then holds one block's float32 weights."""
     check_weights(weights, config, source)
+    device = torch.device(device)
+    if quantization is not None:
+        check_quantization(quantization, device.type)
+    on_native = quantization is not None and native.load()
     with torch.device("meta"):  # skip the random initialisation the weights replace anyway
         model = Transformer(config)
     # assign: the loaded tensors become the parameters (a copy into allocated ones would hold the weights twice)
-    model.load_state_dict(fuse(weights, config), strict=True, assign=True)
+    for i, block in enumerate(model.layers):
+        block.load_state_dict(block_state(weights, config, i), strict=True, assign=True)
+        if quantization is None:
+            block.to(device=device, dtype=dtype)
+        else:  # quantized from float32, then cast (quantize_model says why)
+            quantize_block(block, on_native).to(dtype)
+        release_freed_memory()  # so that the next block's float32 weights reuse pages, not add to them
+    # The embedding (and head) last: the largest matrix, so it is not held while the blocks are read.
+    model.load_state_dict(global_state(weights), strict=False, assign=True)
     if config.tie_embeddings:  # one tensor under both names (weights.py stores it so)
         model.lm_head.weight = model.embed_tokens.weight
+    if quantization is not None:
+        quantize_head(model, on_native)
     for module in model.modules():  # the position tables, which no checkpoint holds
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_meta:
@@ -118,19 +140,20 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     torch_dtype, device = parse_dtype(dtype), torch.device(device)
     log.info("reading %s ...", name)
     config, weights, tokenizer, source = read_model(name)
-    # A quantized model is built in float32 and cast once quantized (quantize_model says why).
-    model = build_model(config, weights, source, torch.float32 if quantization else torch_dtype, device)
-    num_parameters = sum(p.numel() for p in model.parameters())
-    log.info("read %s: %s, %s parameters, %s on %s (%.1f s)", source, config.architecture,
-             human_count(num_parameters), str(torch_dtype).removeprefix("torch."), device, time.perf_counter() - start)
-    del weights  # the model holds what it needs; quantizing frees the float32 projections too
-    if quantization is not None:
-        began = time.perf_counter()
-        quantize_model(model, quantization).to(torch_dtype)
-        log.info("quantized the projections to %s (%.1f s)", quantization, time.perf_counter() - began)
+    model = build_model(config, weights, source, torch_dtype, device, quantization)
+    num_parameters = parameter_count(config, weights)
+    del weights
     release_freed_memory()
+    log.info("read %s: %s, %s parameters, %s%s on %s (%.1f s)", source, config.architecture,
+             human_count(num_parameters), str(torch_dtype).removeprefix("torch."),
+             f", {quantization}" if quantization else "", device, time.perf_counter() - start)
     return LoadedModel(model, config, tokenizer, source, torch_dtype, device, time.perf_counter() - start,
                        quantization, num_parameters)
+
+
+def parameter_count(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> int:
+    """The model's parameters before quantization, a tied head counted once (it is one tensor)."""
+    return sum(math.prod(shape_of(weights, name)) for name in weights)
 
 
 def release_freed_memory() -> None:

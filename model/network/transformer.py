@@ -16,7 +16,10 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An empty table, not a random one: every loader assigns the real weights, and a random one built on
+        # the meta device (as build_model does) imports torch._dynamo and triton, ~70 MB resident, for nothing.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.embed_positions = None
         self.rotary = None
         if config.positional_encoding == "learned":

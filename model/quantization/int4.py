@@ -61,14 +61,21 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, group_size, scales_and_zeros)
 
 
-def quantize_groups_int8(weight: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric 8-bit codes as GGUF's Q8_0: (codes int32 (n, k) in -127..127, scale (n, k/g))."""
+def quantize_groups_int8(weight: torch.Tensor, group_size: int = GROUP_SIZE,
+                         rows_at_once: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes as GGUF's Q8_0: (codes int8 (n, k) in -127..127, scale (n, k/g)). Computed
+    rows_at_once rows at a time: the head is the largest matrix, and its float temporaries in one go
+    would each be as large as its float32 weight (113 MB for SmolLM2's), at load time's peak."""
     n, k = weight.shape
-    groups = weight.float().reshape(n, k // group_size, group_size)
-    scale = groups.abs().amax(-1) / 127
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = (groups / safe[..., None]).round().clamp(-127, 127).to(torch.int32)
-    return codes.reshape(n, k), scale
+    codes = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, k // group_size)
+    for start in range(0, n, rows_at_once):
+        groups = weight[start:start + rows_at_once].float().reshape(-1, k // group_size, group_size)
+        part = scale[start:start + rows_at_once]
+        torch.div(groups.abs().amax(-1), 127, out=part)
+        safe = torch.where(part > 0, part, torch.ones_like(part))
+        codes[start:start + rows_at_once] = (groups / safe[..., None]).round_().clamp_(-127, 127).reshape(-1, k)
+    return codes, scale
 
 
 class Int8Head(nn.Module):
@@ -81,7 +88,7 @@ class Int8Head(nn.Module):
             raise ValueError(f"the 8-bit head needs no bias and an input width divisible by {GROUP_SIZE}")
         self.weight = linear.weight
         codes, scale = quantize_groups_int8(linear.weight.detach())
-        unsigned = codes + 128  # 1..255 = 16 * high + low
+        unsigned = codes.int() + 128  # 1..255 = 16 * high + low
         # scale * code = 16 * scale * (high - 8) + (scale * (low - 8) + 8 * scale)
         high = pack_int4(unsigned // 16, 16 * scale, torch.zeros_like(scale))
         low = pack_int4(unsigned % 16, scale, 8 * scale)

@@ -62,10 +62,11 @@ class NativeQuantizedLinear(nn.Module):
         return cls(codes, scale, low, 4, linear.bias)
 
     @classmethod
-    def int8(cls, linear: nn.Linear) -> NativeQuantizedLinear:
-        """Q8_0: w = scale * c, c in -127..127."""
+    def int8(cls, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> NativeQuantizedLinear:
+        """Q8_0: w = scale * c, c in -127..127. codes: quantize_groups_int8 of the weight, where the caller
+        has them already."""
         _check_width(linear)
-        codes, scale = quantize_groups_int8(linear.weight.detach())
+        codes, scale = codes or quantize_groups_int8(linear.weight.detach())
         return cls(codes, scale, None, 8, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,9 +88,9 @@ class QuantizedEmbedding(nn.Module):
     codes): a lookup dequantizes only the rows it reads, and the table takes a quarter of float32's memory.
     The rows come out in the model's dtype (that of the empty `like` buffer, which model.to() converts)."""
 
-    def __init__(self, embedding: nn.Embedding):
+    def __init__(self, embedding: nn.Embedding, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        codes, scale = quantize_groups_int8(embedding.weight.detach())
+        codes, scale = codes or quantize_groups_int8(embedding.weight.detach())
         self.num_embeddings, self.embedding_dim = codes.shape
         self.register_buffer("codes", codes.to(torch.int8))
         self.register_buffer("scale", scale.float())
