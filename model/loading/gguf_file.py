@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
+from model.loading.gguf_reader import GGUFFile
 from model.loading.weights import LazyWeights, LoadError
 from model.network.rope import RopeScaling
 
@@ -42,21 +43,20 @@ _GLOBAL_NAMES = {"token_embd": "embed_tokens", "position_embd": "embed_positions
                  "output_norm": "final_norm", "output": "lm_head"}
 
 
-def open_gguf(path: Path):
+def open_gguf(path: Path) -> GGUFFile:
     if gguf is None:
         raise LoadError("the 'gguf' package is needed to read GGUF files")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise LoadError(f"{path}: not a GGUF file (bad magic bytes)")
     try:
-        return gguf.GGUFReader(path)
+        return GGUFFile(path)
     except Exception as exc:
         raise LoadError(f"{path}: unreadable GGUF file: {exc}") from exc
 
 
-def metadata(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def metadata(reader: GGUFFile, key: str, default=None):
+    return reader.fields.get(key, default)
 
 
 def gguf_config(reader, path: Path) -> ModelConfig:
@@ -192,7 +192,13 @@ def gguf_weights(reader, config: ModelConfig, path: Path) -> LazyWeights:
     """The file's tensors in the canonical layout, dequantized to float32 as they are read (LazyWeights
     says why); unknown names and storage types are refused here, before anything is read."""
     tensors = {t.name: t for t in reader.tensors if t.name not in (ROPE_FREQS, *LONGROPE)}
-    weights = LazyWeights(lambda key: _dequantize(tensors[key], path))
+
+    def read(key: str) -> torch.Tensor:
+        weight = _dequantize(tensors[key], path)
+        reader.release()  # each tensor is read once: its file pages need not stay resident
+        return weight
+
+    weights = LazyWeights(read)
     permuted = config.architecture in _PERMUTED
     q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     for key, tensor in tensors.items():

@@ -62,11 +62,10 @@ class NativeQuantizedLinear(nn.Module):
         return cls(codes, scale, low, 4, linear.bias)
 
     @classmethod
-    def int8(cls, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> NativeQuantizedLinear:
-        """Q8_0: w = scale * c, c in -127..127. codes: quantize_groups_int8 of the weight, where the caller
-        has them already."""
+    def int8(cls, linear: nn.Linear) -> NativeQuantizedLinear:
+        """Q8_0: w = scale * c, c in -127..127."""
         _check_width(linear)
-        codes, scale = codes or quantize_groups_int8(linear.weight.detach())
+        codes, scale = quantize_groups_int8(linear.weight.detach())
         return cls(codes, scale, None, 8, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,18 +85,27 @@ class NativeQuantizedLinear(nn.Module):
 class QuantizedEmbedding(nn.Module):
     """A token embedding as 8-bit group codes (Q8_0, as SmolLM2's file stores its token_embd, so its own
     codes): a lookup dequantizes only the rows it reads, and the table takes a quarter of float32's memory.
-    The rows come out in the model's dtype (that of the empty `like` buffer, which model.to() converts)."""
+    The codes are kept in the 8-bit head's kernel layout (pack_columns), so that a tied embedding reads the
+    head's own codes and scales instead of a second copy (27 MB for SmolLM2). The rows come out in the
+    model's dtype (that of the empty `like` buffer, which model.to() converts)."""
 
-    def __init__(self, embedding: nn.Embedding, codes: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, embedding: nn.Embedding, head: NativeQuantizedLinear | None = None):
         super().__init__()
-        codes, scale = codes or quantize_groups_int8(embedding.weight.detach())
-        self.num_embeddings, self.embedding_dim = codes.shape
-        self.register_buffer("codes", codes.to(torch.int8))
-        self.register_buffer("scale", scale.float())
+        if head is None:
+            head = NativeQuantizedLinear(*quantize_groups_int8(embedding.weight.detach()), None, 8)
+        if head.bits != 8 or (head.out_features, head.in_features) != tuple(embedding.weight.shape):
+            raise ValueError("the embedding can share only a tied 8-bit head's codes")
+        self.num_embeddings, self.embedding_dim = embedding.weight.shape
+        self.register_buffer("codes", head.codes)  # (blocks, groups, 512), shared with the head when tied
+        self.register_buffer("scale", head.scale)  # float16 (blocks, groups, 16)
         self.register_buffer("like", torch.empty(0, dtype=embedding.weight.dtype), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.codes[ids].float().view(*ids.shape, -1, GROUP_SIZE) * self.scale[ids][..., None]
+        # Token t is column t % 16 of block t // 16; byte 2 * c + j of run p is column c's input 2 * p + j.
+        blocks, groups = self.scale.shape[:2]
+        block, column = ids // COLUMNS, ids % COLUMNS
+        codes = self.codes.view(torch.int8).view(blocks, groups, 16, COLUMNS, 2)[block, :, :, column, :]
+        rows = codes.float().view(*ids.shape, groups, GROUP_SIZE) * self.scale[block, :, column].float()[..., None]
         return rows.view(*ids.shape, self.embedding_dim).to(self.like.dtype)
 
     def _apply(self, fn, recurse=True):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from model.kernels import native
-from model.quantization.int4 import Int4Linear, Int8Head, quantize_groups_int8
+from model.quantization.int4 import Int4Linear, Int8Head
 from model.quantization.native_codes import NativeQuantizedLinear, QuantizedEmbedding
 
 QUANTIZATIONS = ("int4",)
@@ -49,7 +49,6 @@ def quantize_head(model: nn.Module, on_native: bool) -> nn.Module:
         model.lm_head = Int8Head(model.lm_head)
         return model
     tied = model.lm_head.weight is model.embed_tokens.weight
-    head_codes = quantize_groups_int8(model.lm_head.weight.detach())
-    model.lm_head = NativeQuantizedLinear.int8(model.lm_head, head_codes)
-    model.embed_tokens = QuantizedEmbedding(model.embed_tokens, head_codes if tied else None)
+    model.lm_head = NativeQuantizedLinear.int8(model.lm_head)
+    model.embed_tokens = QuantizedEmbedding(model.embed_tokens, model.lm_head if tied else None)
     return model

@@ -86,14 +86,26 @@ def test_quantize_model_swaps_only_the_block_projections_and_the_head(on_native)
     assert type(model.embed_tokens) is (QuantizedEmbedding if on_native else nn.Embedding)
 
 
-def test_quantized_embedding_gives_back_q8_0_rows_in_the_models_dtype():
-    weight, codes = q8_0_weight(100, 64, seed=2)
-    embedding = nn.Embedding(100, 64)
+@pytest.mark.parametrize("rows", [100, 96, 1])
+def test_quantized_embedding_gives_back_q8_0_rows_in_the_models_dtype(rows):
+    weight, codes = q8_0_weight(rows, 64, seed=2)
+    embedding = nn.Embedding(rows, 64)
     embedding.weight.data.copy_(weight)
     quantized = QuantizedEmbedding(embedding)
-    ids = torch.tensor([3, 99, 3, 0])
-    torch.testing.assert_close(quantized(ids), weight[ids], rtol=1e-6, atol=0)
-    assert quantized.codes.dtype == torch.int8 and quantized.to(torch.bfloat16)(ids).dtype == torch.bfloat16
+    ids = torch.tensor([3 % rows, rows - 1, 3 % rows, 0, rows // 2])
+    torch.testing.assert_close(quantized(ids), weight[ids], rtol=0, atol=0)
+    torch.testing.assert_close(quantized(ids.view(1, 5, 1)), weight[ids].view(1, 5, 1, 64), rtol=0, atol=0)
+    assert quantized.to(torch.bfloat16)(ids).dtype == torch.bfloat16
+
+
+def test_a_tied_embedding_reads_the_heads_codes():
+    weight, _ = q8_0_weight(50, 96, seed=3)
+    linear = nn.Linear(96, 50, bias=False)
+    linear.weight.data.copy_(weight)
+    head = NativeQuantizedLinear.int8(linear)
+    embedding = QuantizedEmbedding(nn.Embedding(50, 96, _weight=weight), head)
+    assert embedding.codes.data_ptr() == head.codes.data_ptr() and embedding.scale.data_ptr() == head.scale.data_ptr()
+    torch.testing.assert_close(embedding(torch.arange(50)), weight, rtol=0, atol=0)
 
 
 def q8_0_weight(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
