@@ -10,7 +10,6 @@ Nothing is ever fetched from a model hub.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import importlib.util
 import logging
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from model.config import ModelConfig, preset, tiny
+from model.heap import trim_heap
 from model.kernels import native
 from model.loading.gguf_file import gguf_config, gguf_weights, metadata, open_gguf
 from model.loading.hf_folder import hf_weights, read_hf_config
@@ -128,7 +128,9 @@ def build_model(config: ModelConfig, weights: Mapping[str, torch.Tensor], source
     for module in model.modules():  # the position tables, which no checkpoint holds
         for name, buffer in module.named_buffers(recurse=False):
             if buffer.is_meta:
-                setattr(module, name, torch.empty_like(buffer, device="cpu"))
+                # torch.empty, not empty_like: a meta tensor's empty_like runs torch._refs, which imports sympy
+                # (~250 ms and ~20 MB resident for the life of the server).
+                setattr(module, name, torch.empty(buffer.shape, dtype=buffer.dtype, device="cpu"))
     model.reset_buffers()
     return model.requires_grad_(False).to(device=device, dtype=dtype).eval()
 
@@ -161,10 +163,7 @@ def release_freed_memory() -> None:
     (growing) mmap threshold for reuse, so after dequantizing and quantizing SmolLM2 the process held
     ~1.0 GB resident where ~0.54 GB was in use (measured)."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    trim_heap()
 
 
 def human_count(count: int) -> str:

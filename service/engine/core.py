@@ -20,6 +20,7 @@ from model.loading import LoadedModel
 from service.engine.block_manager import BlockManager
 from service.engine.config import EngineConfig
 from service.engine.errors import RequestRejected
+from service.engine.heap import HeapTrimmer
 from service.engine.outputs import OutputProcessor, RequestOutput
 from service.engine.runner import Runner, plan_cache
 from service.engine.scheduler import ScheduledBatch, Scheduler
@@ -52,6 +53,7 @@ class EngineCore:
         self.events = events
         tuned = config.adaptive_threads and loaded.device.type == "cpu"
         self.threads = ThreadTuner(torch.get_num_threads() if tuned else 1, torch.set_num_threads)
+        self.heap = HeapTrimmer(loaded.device.type == "cpu")
         self.info = EngineInfo(
             model=loaded.source, name=loaded.config.name, architecture=loaded.config.architecture,
             max_model_len=self.max_model_len, vocab_size=loaded.config.vocab_size,
@@ -176,6 +178,8 @@ class EngineCore:
                 if not seq.is_finished:
                     self.finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
             return
+        finally:
+            self.heap.after_step(batch.total_tokens)
         now = time.monotonic()
         for seq, tokens in self.scheduler.update(batch, rows, result.token_ids if result else []):
             for token, k in tokens:
