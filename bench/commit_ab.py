@@ -37,7 +37,7 @@ CHILD_TIMEOUT_S = 1800
 # already-imported checkout packages. So both sides run the one timed loop, and a change to the bench
 # script itself cannot show up as a difference.
 ENGINE_CHILD = r"""
-import importlib.util, json, os, sys
+import importlib.util, json, os, statistics, sys
 import torch
 import model, service, model.loading, service.engine.engine
 spec = json.loads(sys.argv[1])
@@ -54,6 +54,11 @@ for seqs in spec["counts"]:  # warm up every batch shape that is timed, not just
     bench.run_engine(loaded, prompts[:min(int(seqs), 2)], 4, int(seqs))
 result = {f"engine_seqs{seqs}": bench.run_engine(loaded, prompts[:count], spec["output_len"], int(seqs))["tok_per_s"]
           for seqs, count in spec["counts"].items()}
+if spec["long_prompt_len"]:  # prefill speed: each long prompt alone, one output token, median of 3
+    long_prompts = bench.distinct_prompts(loaded.tokenizer, 4, spec["long_prompt_len"], seed=1)
+    bench.run_engine(loaded, long_prompts[:1], 1, 1)  # warm-up
+    result["engine_prefill"] = statistics.median(len(p) / bench.run_engine(loaded, [p], 1, 1)["seconds"]
+                                                 for p in long_prompts[1:])
 result.update(service_file=service.__file__, model_file=model.__file__,
               engine_file=sys.modules[bench.Engine.__module__].__file__)
 print("RESULT " + json.dumps(result), flush=True)
@@ -187,7 +192,9 @@ def run_rounds(checkouts: list[Checkout], spec: dict, rounds: int) -> list[dict]
 def metric_names(spec: dict) -> list[tuple[str, str]]:
     engine = [(f"engine_seqs{s}", f"engine output tok/s, max_num_seqs {s} ({n} requests)")
               for s, n in spec["counts"].items()]
-    return engine + [("http_tok_per_s", "HTTP single-stream tok/s"), ("http_ttft_ms", "HTTP TTFT ms")]
+    prefill = [("engine_prefill", f"engine prefill tok/s, one {spec['long_prompt_len']}-token prompt")
+               ] if spec["long_prompt_len"] else []
+    return engine + prefill + [("http_tok_per_s", "HTTP single-stream tok/s"), ("http_ttft_ms", "HTTP TTFT ms")]
 
 
 def summary_table(raw: list[dict], spec: dict) -> list[str]:
@@ -226,7 +233,8 @@ def report(raw: list[dict], checkouts: list[Checkout], revs: dict, spec: dict, h
              "", *sides, "", *header, "",
              f"{len(raw)} round(s), order alternating; engine: distinct {spec['prompt_len']}-token prompts x "
              f"{spec['output_len']} output tokens, greedy, EOS ignored, each side's own CPU defaults (its "
-             "Settings: dtype, quantization); HTTP: "
+             "Settings: dtype, quantization); engine prefill: 3 distinct long prompts, each alone with 1 output "
+             "token (after a warm-up), prompt tokens / seconds, median; HTTP: "
              f"1 warm-up + {spec['http_requests']} streamed /v1/completions, one at a time, tok/s = output "
              "tokens / (request sent -> last token), per-round value = median over requests.", "",
              *summary_table(raw, spec), "", "## Raw rounds", "", *raw_table(raw, spec)]
@@ -243,6 +251,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--http-requests", type=int, default=5, help="measured HTTP requests per round")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--long-prompt-len", type=int, default=1500,
+                        help="prompt length for the engine prefill measurement (0: skip it)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 requests, 16 tokens "
                                                                 "(explicit flags still win)")
     parser.add_argument("--out", default=str(REPO / "bench/results/engine_structure_ab.md"))
@@ -256,7 +266,8 @@ def main() -> None:
     header = [f"Machine: {machine()}", "",
               f"Command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`"]
     spec = {"bench_script": str(REPO / "bench/engine_throughput.py"), "counts": {"1": args.requests_at_1, "16": args.requests}, "prompt_len": args.prompt_len,
-            "output_len": args.output_len, "http_requests": args.http_requests}
+            "output_len": args.output_len, "http_requests": args.http_requests,
+            "long_prompt_len": args.long_prompt_len}
     revs = {"base": args.base, "head": args.head}
     tmp = Path(tempfile.mkdtemp(prefix="kvserve-ab-"))
     checkouts = []

@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("qmatmul.cpp", "attention.cpp", "fused.cpp")
+SOURCES = ("qmatmul.cpp", "attention.cpp", "rotary_attention.cpp", "fused.cpp")
 LIBRARY = "kvserve_cpu_kernels.so"
 
 
@@ -38,8 +38,14 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+# -ffp-contract=off: GCC would otherwise fuse a * b + c into one rounding where it sees fit, and may fuse
+# the same line of a kernel in one instantiation and not another (the attention's per-head sums did), so a
+# token's bits would depend on which template ran it. The vector code spells out its fused multiply-adds.
+CODEGEN_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
+
+
 def build_key() -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(" ".join(CODEGEN_FLAGS).encode())
     for name in sorted(SOURCE_DIR.iterdir()):
         digest.update(name.name.encode() + name.read_bytes())
     digest.update(torch.__version__.encode() + _cpu_flags().encode())
@@ -57,8 +63,8 @@ def compile_command(output: Path) -> list[str]:
     libs = [f"-L{p}" for p in cpp_extension.library_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     # -fopenmp for at::parallel_for's inline OpenMP regions; its libgomp.so.1 is torch's own once loaded.
-    return ["g++", "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", abi, *includes,
-            *[str(SOURCE_DIR / s) for s in SOURCES], *libs, "-lc10", "-ltorch_cpu", "-o", str(output)]
+    return ["g++", *CODEGEN_FLAGS, abi, *includes, *[str(SOURCE_DIR / s) for s in SOURCES], *libs, "-lc10",
+            "-ltorch_cpu", "-o", str(output)]
 
 
 def build(path: Path | None = None) -> Path:

@@ -150,6 +150,22 @@ def test_native_attention_of_a_token_does_not_depend_on_its_step():
         start += n
 
 
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_a_prefill_token_attends_as_it_would_decoded_alone(window, kv_dtype):
+    """A prefill's tokens are attended in runs of 16 that read each block of keys once (attention.cpp): each
+    token must still give the bits it gives as a one-token step over the same cache, window or not."""
+    query_lens, context_lens = [45], [70]
+    tables, cache, q, k, v, block = cached_step(query_lens, context_lens, torch.float32, kv_dtype, window, seed=7)
+    k_cache, v_cache = (c.clone() for c in cache)
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block, window, native_attention=True)
+    together = paged_attention(q, k, v, (k_cache, v_cache), meta, 64 ** -0.5)  # leaves all 70 keys cached
+    for i in range(45):
+        step = AttentionMetadata.build([1], [70 - 45 + i + 1], tables, block, window, native_attention=True)
+        alone = paged_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], (k_cache, v_cache), step, 64 ** -0.5)
+        assert torch.equal(alone, together[i:i + 1]), i
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_the_glue_ops_match_torch_and_compute_each_row_alone(dtype, tol):
     gen = torch.Generator().manual_seed(9)

@@ -1,9 +1,16 @@
-// Attention over the paged KV cache on the CPU, one query token at a time, for prefill and decode alike.
+// Attention over the paged KV cache on the CPU, for prefill and decode alike: each query token by one recipe,
+// in runs of up to 16 consecutive tokens of a sequence that read each block of keys once.
 //
 // Why one kernel for both: a token's attention output is then the same float computation (its own keys,
 // in blocks of 32 keys aligned to absolute positions, an online softmax over those blocks) whether the
 // token is decoded alone, batched with others, or part of a prefill chunk of any length, and whether its
 // prefix was computed in this step or read from the prefix cache (DESIGN.md, decision 5).
+//
+// Why runs: a prefill token's keys are mostly its neighbours' keys too, and reading them is what a token
+// alone waits on (one 1,500-token sequence's K and V are ~2.3 MB a layer for SmolLM2, more than L2 holds);
+// a run reads each block of 32 keys into L1 once for all its tokens. A token's own arithmetic is unchanged,
+// its softmax state kept between blocks in memory (stores and loads of floats are exact), so a token gives
+// the same bits in a run of 16 as decoded alone.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "attention.h"
 #include "simd.h"
 
 namespace {
@@ -25,12 +33,22 @@ struct Cache {
   const int64_t* tables;
 };
 
-// One query token's `group` heads that share KV head `kv`, over keys [lo, pos], in blocks of 32 keys aligned
-// to absolute positions; an online softmax updated once a block. Two builds of the same recipe: AVX-512
-// for head sizes that are multiples of 16, plain C++ otherwise (one per model, so one per token).
+constexpr int64_t kRunTokens = 16;
+
+// Keys [lo, pos] of one token, in blocks of 32 keys aligned to absolute positions.
+struct Span {
+  int64_t lo, pos;
+  int64_t first_block() const { return lo / kKeysPerBlock * kKeysPerBlock; }
+};
+
+// A run of `tokens` consecutive query tokens of sequence `seq` (the last at position `pos`), their `group`
+// heads that share KV head `kv`; keys [lo, pos], lo the first token's (a sliding window of `window` keys,
+// if > 0, starts later for later tokens). Each token is attended by one recipe, an online softmax updated
+// once a block; two builds of it: AVX-512 for head sizes that are multiples of 16, plain C++ otherwise (one
+// per model, so one per token).
 struct Task {
   const Cache& c;
-  int64_t seq, pos, lo, kv, group;
+  int64_t seq, pos, lo, kv, group, tokens, window;
   float scale;
   float softcap;  // > 0: scores become softcap * tanh(score / softcap) (Gemma 2); 0: none
   std::vector<int64_t> rows;  // rows[key - lo]: where key's K/V for head kv start, in elements
@@ -45,6 +63,10 @@ struct Task {
     }
   }
   int64_t row(int64_t key) const { return rows[key - lo]; }
+  Span span(int64_t token) const {  // the keys of the run's token-th token
+    const int64_t at = pos - (tokens - 1) + token;
+    return {window > 0 ? std::max<int64_t>(0, at - window + 1) : 0, at};
+  }
 };
 
 #if KVSERVE_AVX512
@@ -96,53 +118,87 @@ inline __m512 scores16(const __m512* q, const KV* k_cache, const Task& t, int64_
   return _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid, scaled);
 }
 
+// The online softmax of one token's head between blocks: running max, total, and the weighted sum of values.
+struct HeadState {
+  float running_max, total;
+  float* acc;  // hd floats
+};
+
+// One block of keys [first, last) (it starts at `start`) for one head of one token.
 template <int NV, typename Q, typename KV>
-void attend_avx512(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t, Q* out) {
-  constexpr int64_t hd = 16 * NV;
+inline void block_avx512(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t, int64_t start,
+                         int64_t first, int64_t last, HeadState& st) {
   const __m512 none = _mm512_set1_ps(-std::numeric_limits<float>::infinity());  // a key outside the range
-  for (int64_t i = 0; i < t.group; ++i) {
-    __m512 qv[NV], acc[NV];
-    for (int v = 0; v < NV; ++v) qv[v] = load16(q + i * hd + 16 * v), acc[v] = _mm512_setzero_ps();
-    float running_max = -std::numeric_limits<float>::infinity(), total = 0.f;
-    alignas(64) float p[kKeysPerBlock];
-    for (int64_t start = t.lo / kKeysPerBlock * kKeysPerBlock; start <= t.pos; start += kKeysPerBlock) {
-      const int64_t first = std::max(start, t.lo), last = std::min(start + kKeysPerBlock, t.pos + 1);
-      const __m512 s0 = scores16<NV>(qv, k_cache, t, start, first, last);
-      const __m512 s1 = scores16<NV>(qv, k_cache, t, start + 16, first, last);
-      const float new_max = std::max(running_max, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-      const float alpha = std::exp(running_max - new_max);  // 0 for the first block (-inf - finite)
-      const __m512 m = _mm512_set1_ps(new_max);
-      const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, none, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s0, m)));
-      const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, none, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s1, m)));
-      _mm512_store_ps(p, e0);
-      _mm512_store_ps(p + 16, e1);
-      total = total * alpha + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
-      running_max = new_max;
-      const __m512 a = _mm512_set1_ps(alpha);
-      for (int v = 0; v < NV; ++v) acc[v] = _mm512_mul_ps(acc[v], a);
-      for (int64_t key = first; key < last; ++key) {
-        const KV* value = v_cache + t.row(key);
-        const __m512 w = _mm512_set1_ps(p[key - start]);
-        for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(w, load16(value + 16 * v), acc[v]);
+  __m512 qv[NV], acc[NV];
+  for (int v = 0; v < NV; ++v) qv[v] = load16(q + 16 * v);
+  const __m512 s0 = scores16<NV>(qv, k_cache, t, start, first, last);
+  const __m512 s1 = scores16<NV>(qv, k_cache, t, start + 16, first, last);
+  const float new_max = std::max(st.running_max, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+  const float alpha = std::exp(st.running_max - new_max);  // 0 for the first block (-inf - finite)
+  const __m512 m = _mm512_set1_ps(new_max);
+  const __m512 e0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, none, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s0, m)));
+  const __m512 e1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, none, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s1, m)));
+  alignas(64) float p[kKeysPerBlock];
+  _mm512_store_ps(p, e0);
+  _mm512_store_ps(p + 16, e1);
+  st.total = st.total * alpha + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+  st.running_max = new_max;
+  const __m512 a = _mm512_set1_ps(alpha);
+  for (int v = 0; v < NV; ++v) acc[v] = _mm512_mul_ps(_mm512_load_ps(st.acc + 16 * v), a);
+  for (int64_t key = first; key < last; ++key) {
+    const KV* value = v_cache + t.row(key);
+    const __m512 w = _mm512_set1_ps(p[key - start]);
+    for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(w, load16(value + 16 * v), acc[v]);
+  }
+  for (int v = 0; v < NV; ++v) _mm512_store_ps(st.acc + 16 * v, acc[v]);
+}
+
+// The run: block by block, each token whose keys the block holds, head by head (a token's heads walked
+// together, sharing each V row's loads, measured slower: their sums spill out of the vector registers).
+// q and out at the run's first token, its heads for t.kv; a token's heads lie `stride` elements after the
+// previous token's.
+template <int NV, typename Q, typename KV>
+void attend_avx512(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t, int64_t stride, Q* out) {
+  constexpr int64_t hd = 16 * NV;
+  const int64_t n = t.tokens * t.group;
+  thread_local std::vector<float> storage;  // the run's sums, kept by the thread from run to run
+  storage.resize(n * hd + 16);
+  float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  std::fill(acc, acc + n * hd, 0.f);
+  std::vector<HeadState> state(n);
+  for (int64_t i = 0; i < n; ++i) state[i] = {-std::numeric_limits<float>::infinity(), 0.f, acc + i * hd};
+  for (int64_t start = t.span(0).first_block(); start <= t.pos; start += kKeysPerBlock) {
+    for (int64_t j = 0; j < t.tokens; ++j) {
+      const Span span = t.span(j);
+      if (start < span.first_block() || start > span.pos) continue;
+      const int64_t first = std::max(start, span.lo), last = std::min(start + kKeysPerBlock, span.pos + 1);
+      const Q* qj = q + j * stride;
+      for (int64_t h = 0; h < t.group; ++h) {
+        block_avx512<NV>(qj + h * hd, k_cache, v_cache, t, start, first, last, state[j * t.group + h]);
       }
     }
-    alignas(64) float row[hd];
-    const __m512 inv = _mm512_set1_ps(1.f / total);
-    for (int v = 0; v < NV; ++v) _mm512_store_ps(row + 16 * v, _mm512_mul_ps(acc[v], inv));
-    for (int64_t d = 0; d < hd; ++d) out[i * hd + d] = static_cast<Q>(row[d]);
+  }
+  for (int64_t j = 0; j < t.tokens; ++j) {
+    for (int64_t h = 0; h < t.group; ++h) {
+      const HeadState& st = state[j * t.group + h];
+      alignas(64) float row[hd];
+      const __m512 inv = _mm512_set1_ps(1.f / st.total);
+      for (int v = 0; v < NV; ++v) _mm512_store_ps(row + 16 * v, _mm512_mul_ps(_mm512_load_ps(st.acc + 16 * v), inv));
+      for (int64_t d = 0; d < hd; ++d) out[j * stride + h * hd + d] = static_cast<Q>(row[d]);
+    }
   }
 }
 #endif
 
 template <typename Q, typename KV>
-void attend_generic(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t, Q* out) {
+void attend_generic(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t, Span span, Q* out) {
   const int64_t hd = t.c.hd;
   std::vector<float> qf(hd), acc(hd), p(kKeysPerBlock);
   for (int64_t i = 0; i < t.group; ++i) {
     for (int64_t d = 0; d < hd; ++d) qf[d] = static_cast<float>(q[i * hd + d]), acc[d] = 0.f;
     float running_max = -std::numeric_limits<float>::infinity(), total = 0.f;
-    for (int64_t start = t.lo / kKeysPerBlock * kKeysPerBlock; start <= t.pos; start += kKeysPerBlock) {
-      const int64_t first = std::max(start, t.lo), last = std::min(start + kKeysPerBlock, t.pos + 1);
+    for (int64_t start = span.first_block(); start <= span.pos; start += kKeysPerBlock) {
+      const int64_t first = std::max(start, span.lo), last = std::min(start + kKeysPerBlock, span.pos + 1);
       float block_max = -std::numeric_limits<float>::infinity();
       for (int64_t key = first; key < last; ++key) {
         const KV* k = k_cache + t.row(key);
@@ -167,18 +223,36 @@ void attend_generic(const Q* q, const KV* k_cache, const KV* v_cache, const Task
   }
 }
 
+// The run's tokens; q and out as attend_avx512's.
 template <typename Q, typename KV>
-void attend_token(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t, Q* out) {
+void attend_run(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t, int64_t stride, Q* out) {
 #if KVSERVE_AVX512
   switch (t.c.hd) {
-    case 64: return attend_avx512<4>(q, k_cache, v_cache, t, out);
-    case 96: return attend_avx512<6>(q, k_cache, v_cache, t, out);
-    case 128: return attend_avx512<8>(q, k_cache, v_cache, t, out);
-    case 256: return attend_avx512<16>(q, k_cache, v_cache, t, out);
+    case 64: return attend_avx512<4>(q, k_cache, v_cache, t, stride, out);
+    case 96: return attend_avx512<6>(q, k_cache, v_cache, t, stride, out);
+    case 128: return attend_avx512<8>(q, k_cache, v_cache, t, stride, out);
+    case 256: return attend_avx512<16>(q, k_cache, v_cache, t, stride, out);
   }
 #endif
-  attend_generic(q, k_cache, v_cache, t, out);
+  for (int64_t j = 0; j < t.tokens; ++j) attend_generic(q + j * stride, k_cache, v_cache, t, t.span(j), out + j * stride);
 }
+
+// Where each run starts (and T at the end): a run is up to kRunTokens tokens of one sequence at consecutive
+// positions, as a prefill chunk's are; a decode step's tokens are runs of one.
+std::vector<int64_t> run_starts(const int64_t* seqs, const int64_t* positions, int64_t T) {
+  std::vector<int64_t> starts;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool continues = t > 0 && seqs[t] == seqs[t - 1] && positions[t] == positions[t - 1] + 1 &&
+                           t - starts.back() < kRunTokens;
+    if (!continues) starts.push_back(t);
+  }
+  starts.push_back(T);
+  return starts;
+}
+
+}  // namespace
+
+namespace kvserve {
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& token_seq,
@@ -206,17 +280,20 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
       using KV = decltype(kv_zero);
       const Q* qp = q.data_ptr<Q>();
       Q* op = out.data_ptr<Q>();
-      at::parallel_for(0, T * n_kv, 1, [&](int64_t begin, int64_t end) {
+      const std::vector<int64_t> runs = run_starts(seqs, positions, T);
+      const int64_t R = int64_t(runs.size()) - 1;
+      at::parallel_for(0, R * n_kv, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
-          // Tokens in the order first, last, second, second to last...: a causal prefill's long and short
+          // Runs in the order first, last, second, second to last...: a causal prefill's long and short
           // rows alternate, so each thread's contiguous share of tasks holds the same work.
-          const int64_t i = task / n_kv, t = i % 2 ? T - 1 - i / 2 : i / 2;
-          const int64_t kv = task % n_kv, pos = positions[t];
-          const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-          const int64_t at = (t * heads + kv * group) * hd;
-          Task work{c, seqs[t], pos, lo, kv, group, float(scale), float(softcap), {}};
+          const int64_t i = task / n_kv, r = i % 2 ? R - 1 - i / 2 : i / 2;
+          const int64_t kv = task % n_kv, first = runs[r], last = runs[r + 1] - 1;
+          Task work{c, seqs[first], positions[last], 0, kv, group, last - first + 1, window, float(scale),
+                    float(softcap), {}};
+          work.lo = work.span(0).lo;
           work.find_rows();
-          attend_token(qp + at, k_cache.data_ptr<KV>(), v_cache.data_ptr<KV>(), work, op + at);
+          const int64_t at = (first * heads + kv * group) * hd;
+          attend_run(qp + at, k_cache.data_ptr<KV>(), v_cache.data_ptr<KV>(), work, heads * hd, op + at);
         }
       });
     });
@@ -224,70 +301,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
-// out = x rotated by RoPE in the half-split layout (x * cos + rotate_half(x) * sin); a copy without cos.
-template <typename In, typename Out, typename C>
-inline void rotate(const In* x, const C* cos, const C* sin, int64_t hd, Out* out) {
-  const int64_t half = hd / 2;
-  for (int64_t d = 0; d < hd; ++d) {
-    float v = static_cast<float>(x[d]);
-    if (cos) {
-      const float other = d < half ? -static_cast<float>(x[d + half]) : static_cast<float>(x[d - half]);
-      v = v * static_cast<float>(cos[d]) + other * static_cast<float>(sin[d]);
-    }
-    out[d] = static_cast<Out>(v);
-  }
-}
-
-// The fused QKV projection's output (T, (heads + 2 kv_heads) * hd) -> attention output (T, heads, hd): q and
-// k rotated (cos and sin (T, hd) in qkv's dtype; empty for a model without RoPE), k and v written to the
-// caches at slot_mapping, then every token attended as paged_attention does.
-at::Tensor rotary_paged_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                                  const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                                  const at::Tensor& token_seq, const at::Tensor& token_pos, int64_t block_size,
-                                  double scale, int64_t window, int64_t heads, double softcap) {
-  const int64_t T = qkv.size(0), n_kv = k_cache.size(1), hd = k_cache.size(2);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && qkv.size(1) == (heads + 2 * n_kv) * hd,
-              "qkv must be a contiguous (T, (heads + 2 kv_heads) * head_dim)");
-  const bool rope = cos.numel() > 0;
-  TORCH_CHECK(!rope || (cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * hd &&
-                        sin.numel() == T * hd && cos.scalar_type() == qkv.scalar_type() &&
-                        sin.scalar_type() == qkv.scalar_type()), "cos/sin: (T, head_dim) in qkv's dtype");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == T, "slot_mapping: (T,) int64");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16, "cache dtype");
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, "qkv: float32 or bfloat16");
-  at::Tensor q = at::empty({T, heads, hd}, qkv.options());
-  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  dispatch_float_or_bf16(qkv.scalar_type(), [&](auto q_zero) {
-    dispatch_float_or_bf16(k_cache.scalar_type(), [&](auto kv_zero) {
-      using Q = decltype(q_zero);
-      using KV = decltype(kv_zero);
-      at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const Q* row = qkv.data_ptr<Q>() + t * qkv.size(1);
-          const Q* c = rope ? cos.data_ptr<Q>() + t * hd : nullptr;
-          const Q* s = rope ? sin.data_ptr<Q>() + t * hd : nullptr;
-          for (int64_t h = 0; h < heads; ++h) rotate(row + h * hd, c, s, hd, q.data_ptr<Q>() + (t * heads + h) * hd);
-          for (int64_t j = 0; j < n_kv; ++j) {
-            const int64_t at = (slots[t] * n_kv + j) * hd;
-            rotate(row + (heads + j) * hd, c, s, hd, k_cache.data_ptr<KV>() + at);
-            rotate<Q, KV, Q>(row + (heads + n_kv + j) * hd, nullptr, nullptr, hd, v_cache.data_ptr<KV>() + at);
-          }
-        }
-      });
-    });
-  });
-  return paged_attention(q, k_cache, v_cache, block_tables, token_seq, token_pos, block_size, scale, window, softcap);
-}
-
-}  // namespace
+}  // namespace kvserve
 
 TORCH_LIBRARY_FRAGMENT(kvserve, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor token_seq, "
         "Tensor token_pos, int block_size, float scale, int window, float softcap=0.) -> Tensor");
-  m.impl("paged_attention", c10::DispatchKey::CPU, TORCH_FN(paged_attention));
-  m.def("rotary_paged_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slot_mapping, Tensor block_tables, Tensor token_seq, Tensor token_pos, int block_size, "
-        "float scale, int window, int heads, float softcap=0.) -> Tensor");
-  m.impl("rotary_paged_attention", c10::DispatchKey::CPU, TORCH_FN(rotary_paged_attention));
+  m.impl("paged_attention", c10::DispatchKey::CPU, TORCH_FN(kvserve::paged_attention));
 }
