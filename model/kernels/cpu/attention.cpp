@@ -161,11 +161,12 @@ template <int NV, typename Q, typename KV>
 void attend_avx512(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t, int64_t stride, Q* out) {
   constexpr int64_t hd = 16 * NV;
   const int64_t n = t.tokens * t.group;
-  thread_local std::vector<float> storage;  // the run's sums, kept by the thread from run to run
+  thread_local std::vector<float> storage;  // the run's sums and states, kept by the thread from run to run
+  thread_local std::vector<HeadState> state;
   storage.resize(n * hd + 16);
+  state.resize(n);
   float* acc = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
   std::fill(acc, acc + n * hd, 0.f);
-  std::vector<HeadState> state(n);
   for (int64_t i = 0; i < n; ++i) state[i] = {-std::numeric_limits<float>::infinity(), 0.f, acc + i * hd};
   for (int64_t start = t.span(0).first_block(); start <= t.pos; start += kKeysPerBlock) {
     for (int64_t j = 0; j < t.tokens; ++j) {
