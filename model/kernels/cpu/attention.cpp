@@ -102,14 +102,19 @@ template <int NV, typename KV>
 inline __m512 scores16(const __m512* q, const KV* k_cache, const Task& t, int64_t start, int64_t first,
                        int64_t last) {
   __m512 dots[16];
-  for (int l = 0; l < 16; ++l) {
-    const int64_t key = start + l;
-    dots[l] = _mm512_setzero_ps();
-    if (key < first || key >= last) continue;
+  const auto dot = [&](int64_t key) {
     const KV* k = k_cache + t.row(key);
     __m512 acc = _mm512_mul_ps(q[0], load16(k));
     for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(q[v], load16(k + 16 * v), acc);
-    dots[l] = acc;
+    return acc;
+  };
+  if (first <= start && start + 16 <= last) {  // every key in range (most of a prefill's): no tests
+    for (int l = 0; l < 16; ++l) dots[l] = dot(start + l);
+  } else {
+    for (int l = 0; l < 16; ++l) {
+      const int64_t key = start + l;
+      dots[l] = key < first || key >= last ? _mm512_setzero_ps() : dot(key);
+    }
   }
   const int64_t lo = std::clamp<int64_t>(first - start, 0, 16), hi = std::clamp<int64_t>(last - start, 0, 16);
   const __mmask16 valid = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
