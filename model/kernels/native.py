@@ -39,8 +39,9 @@ def _cpu_flags() -> str:
 
 
 # -ffp-contract=off: GCC would otherwise fuse a * b + c into one rounding where it sees fit, and may fuse
-# the same line of a kernel in one instantiation and not another (the attention's per-head sums did), so a
-# token's bits would depend on which template ran it. The vector code spells out its fused multiply-adds.
+# the same line of a kernel in one template instantiation and not another (seen here: a trial attention
+# kernel with one instantiation per number of heads walked together rounded the softmax totals 1 ulp apart),
+# so a token's bits would depend on which one ran it. The vector code spells out its fused multiply-adds.
 CODEGEN_FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 
 

@@ -240,7 +240,9 @@ void attend_run(const Q* q, const KV* k_cache, const KV* v_cache, const Task& t,
     case 256: return attend_avx512<16>(q, k_cache, v_cache, t, stride, out);
   }
 #endif
-  for (int64_t j = 0; j < t.tokens; ++j) attend_generic(q + j * stride, k_cache, v_cache, t, t.span(j), out + j * stride);
+  for (int64_t j = 0; j < t.tokens; ++j) {
+    attend_generic(q + j * stride, k_cache, v_cache, t, t.span(j), out + j * stride);
+  }
 }
 
 // Where each run starts (and T at the end): a run is up to kRunTokens tokens of one sequence at consecutive

@@ -62,7 +62,8 @@ at::Tensor rotary_paged_attention(const at::Tensor& qkv, const at::Tensor& cos, 
       });
     });
   });
-  return kvserve::paged_attention(q, k_cache, v_cache, block_tables, token_seq, token_pos, block_size, scale, window, softcap);
+  return kvserve::paged_attention(q, k_cache, v_cache, block_tables, token_seq, token_pos, block_size, scale,
+                                  window, softcap);
 }
 
 }  // namespace
