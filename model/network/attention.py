@@ -73,9 +73,20 @@ def paged_attention(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: 
                     softcap: float | None = None) -> torch.Tensor:
     """Write the step's K/V into the cache, then attend every new token to its cached context."""
     k_cache, v_cache = kv_cache
-    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    k_cache.index_copy_(0, meta.slot_mapping, as_cached(k, k_cache.dtype))
+    v_cache.index_copy_(0, meta.slot_mapping, as_cached(v, v_cache.dtype))
     return attend_cached(q, k, v, kv_cache, meta, scale, softcap)
+
+
+FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def as_cached(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` holds it: a float16 cache saturates at its largest finite value, as the native
+    kernel's does (an inf there would turn its scores NaN)."""
+    if dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.clamp(-FLOAT16_MAX, FLOAT16_MAX)
+    return x.to(dtype)
 
 
 def attend_cached(q, k, v, kv_cache: KVCache, meta: AttentionMetadata, scale: float,

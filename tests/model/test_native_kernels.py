@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.kernels import native
-from model.network.attention import AttentionMetadata, native_rotary_attention, paged_attention
+from model.network.attention import AttentionMetadata, as_cached, native_rotary_attention, paged_attention
 from model.network.layers import apply_rope
 from model.quantization.int4 import GROUP_SIZE, quantize_groups, quantize_groups_int8
 from model.quantization.native_codes import NativeQuantizedLinear
@@ -113,14 +113,16 @@ def test_native_attention_soft_caps_scores_as_the_torch_reference_does(window):
 @pytest.mark.parametrize("window", [None, 20])
 @pytest.mark.parametrize("dtype,kv_dtype,atol", [(torch.float32, torch.float32, 2e-6),
                                                  (torch.float32, torch.bfloat16, 2e-6),
-                                                 (torch.bfloat16, torch.bfloat16, 1e-2)])
+                                                 (torch.float32, torch.float16, 2e-6),
+                                                 (torch.bfloat16, torch.bfloat16, 1e-2),
+                                                 (torch.bfloat16, torch.float16, 1e-2)])
 def test_native_attention_matches_the_torch_reference(window, dtype, kv_dtype, atol):
     query_lens, context_lens = [1, 37, 1, 5, 100], [50, 37, 3, 70, 128]
     step = cached_step(query_lens, context_lens, dtype, kv_dtype, window)
     got = attend(step, query_lens, context_lens, window, native_attention=True)
-    if dtype != kv_dtype:  # the torch reference attends in one dtype: q's, rounded as the cache holds K/V
+    if dtype != kv_dtype:  # the torch reference attends in one dtype: float32, K/V rounded as the cache holds them
         tables, cache, q, k, v, block = step
-        step = (tables, tuple(c.to(dtype) for c in cache), q, k.to(kv_dtype).to(dtype), v.to(kv_dtype).to(dtype),
+        step = (tables, tuple(c.float() for c in cache), q.float(), k.to(kv_dtype).float(), v.to(kv_dtype).float(),
                 block)
     expected = attend(step, query_lens, context_lens, window, native_attention=False)
     assert got.dtype == dtype
@@ -151,7 +153,7 @@ def test_native_attention_of_a_token_does_not_depend_on_its_step():
 
 
 @pytest.mark.parametrize("window", [None, 20])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_prefill_token_attends_as_it_would_decoded_alone(window, kv_dtype):
     """A prefill's tokens are attended in runs of 16 that read each block of keys once (attention.cpp): each
     token must still give the bits it gives as a one-token step over the same cache, window or not."""
@@ -184,12 +186,13 @@ def test_the_glue_ops_match_torch_and_compute_each_row_alone(dtype, tol):
         assert torch.equal(torch.ops.kvserve.silu_mul(h[rows]), torch.ops.kvserve.silu_mul(h)[rows])
 
 
-@pytest.mark.parametrize("rope", [True, False])
-def test_rotary_attention_rotates_writes_and_attends_as_the_torch_layers_do(rope):
+@pytest.mark.parametrize("rope,kv_dtype", [(True, torch.float32), (False, torch.float32), (True, torch.float16)])
+def test_rotary_attention_rotates_writes_and_attends_as_the_torch_layers_do(rope, kv_dtype):
     query_lens, context_lens = [1, 37, 5], [50, 37, 70]
-    tables, cache, *_ , block = cached_step(query_lens, context_lens, torch.float32, torch.float32, None)
+    tables, cache, *_ , block = cached_step(query_lens, context_lens, torch.float32, kv_dtype, None)
     t, nh, n_kv, hd = sum(query_lens), 9, 3, 64
     qkv = torch.randn(t, (nh + 2 * n_kv) * hd, generator=torch.Generator().manual_seed(4))
+    qkv[3, -1] = 1e6  # a value float16 cannot hold: both paths cache its largest finite value instead
     angles = torch.rand(t, hd // 2) * 6
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     meta = AttentionMetadata.build(query_lens, context_lens, tables, block, native_attention=True)
@@ -202,7 +205,10 @@ def test_rotary_attention_rotates_writes_and_attends_as_the_torch_layers_do(rope
     v = qkv[:, (nh + n_kv) * hd:].view(t, n_kv, hd)
     torch_cache = tuple(c.clone() for c in cache)
     reference = AttentionMetadata.build(query_lens, context_lens, tables, block, native_attention=False)
-    expected = paged_attention(qk[:, :nh], qk[:, nh:], v, torch_cache, reference, hd ** -0.5)
-    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+    # the torch layers attend a prompt's new K/V as computed, the native kernel as cached: round them first
+    k, v = (as_cached(x, kv_dtype).float() for x in (qk[:, nh:], v))
+    expected = paged_attention(qk[:, :nh], k, v, torch_cache, reference, hd ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-6)  # rtol: outputs near the huge value
     for ours, theirs in zip(native_cache, torch_cache):  # the same K/V written to the same slots
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert native_cache[1].float().abs().max() == (1e6 if kv_dtype == torch.float32 else 65504)

@@ -78,8 +78,8 @@ inline void tile(const QuantizedRows& xq, int64_t row, int64_t K, const uint8_t*
         }
       }
     }
-    const __m512 s = load_half16(scale + g * kCols);
-    const __m512 o = offset ? load_half16(offset + g * kCols) : _mm512_setzero_ps();
+    const __m512 s = load16(scale + g * kCols);
+    const __m512 o = offset ? load16(offset + g * kCols) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
       const int64_t xg = (row + r) * G + g;
       const __m512 ws = _mm512_mul_ps(s, _mm512_set1_ps(xq.scale[xg]));

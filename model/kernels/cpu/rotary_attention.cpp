@@ -19,7 +19,7 @@ inline void rotate(const In* x, const C* cos, const C* sin, int64_t hd, Out* out
       const float other = d < half ? -static_cast<float>(x[d + half]) : static_cast<float>(x[d - half]);
       v = v * static_cast<float>(cos[d]) + other * static_cast<float>(sin[d]);
     }
-    out[d] = static_cast<Out>(v);
+    out[d] = narrow_to<Out>(v);
   }
 }
 
@@ -39,12 +39,13 @@ at::Tensor rotary_paged_attention(const at::Tensor& qkv, const at::Tensor& cos, 
                         sin.numel() == T * hd && cos.scalar_type() == qkv.scalar_type() &&
                         sin.scalar_type() == qkv.scalar_type()), "cos/sin: (T, head_dim) in qkv's dtype");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == T, "slot_mapping: (T,) int64");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16, "cache dtype");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16 ||
+              k_cache.scalar_type() == at::kHalf, "KV cache: float32, bfloat16 or float16");
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16, "qkv: float32 or bfloat16");
   at::Tensor q = at::empty({T, heads, hd}, qkv.options());
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   dispatch_float_or_bf16(qkv.scalar_type(), [&](auto q_zero) {
-    dispatch_float_or_bf16(k_cache.scalar_type(), [&](auto kv_zero) {
+    dispatch_kv(k_cache.scalar_type(), [&](auto kv_zero) {
       using Q = decltype(q_zero);
       using KV = decltype(kv_zero);
       at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {

@@ -1,4 +1,4 @@
-// What the CPU kernels share: the AVX-512 switch, loads that widen bfloat16, and activation quantization.
+// What the CPU kernels share: the AVX-512 switch, loads that widen 16-bit floats, and activation quantization.
 // The extension is compiled for the machine it runs on (-march=native, keyed by the CPU's flags in
 // model/kernels/native.py), so one build takes exactly one of the two paths below for every call.
 #pragma once
@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512DQ__)
 #include <immintrin.h>
@@ -26,6 +27,25 @@ template <typename F>
 inline void dispatch_float_or_bf16(c10::ScalarType type, F&& f) {
   if (type == c10::ScalarType::Float) f(float{});
   else f(c10::BFloat16{});
+}
+
+// f(float{}), f(c10::BFloat16{}) or f(c10::Half{}): the KV cache dtypes (callers check which).
+template <typename F>
+inline void dispatch_kv(c10::ScalarType type, F&& f) {
+  if (type == c10::ScalarType::Half) f(c10::Half{});
+  else dispatch_float_or_bf16(type, f);
+}
+
+// x rounded to T. float16 saturates at its largest finite value: a cached key beyond it (none of the models
+// seen comes near) is then off by its excess instead of an inf that turns its scores NaN.
+template <typename T>
+inline T narrow_to(float x) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    constexpr float kMax = 65504.f;
+    return static_cast<T>(std::isnan(x) ? x : std::clamp(x, -kMax, kMax));
+  } else {
+    return static_cast<T>(x);
+  }
 }
 
 inline int32_t load_i32(const int16_t* p) {
@@ -52,7 +72,7 @@ inline __m512 exp16(__m512 x) {
 }
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load_half16(const c10::Half* p) {
+inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline __m512 load16(const c10::BFloat16* p) {
