@@ -1,4 +1,4 @@
-"""Peak memory at one KV capacity: kvserve (float32 and bfloat16 KV) beside llama.cpp's llama-server, one run.
+"""Peak memory at one KV capacity: kvserve, per KV cache dtype, beside llama.cpp's llama-server, one run.
 
 Each server is started alone and sized for --tokens tokens of KV cache (llama-server: `-np 16 -c TOKENS`,
 float16 KV; kvserve: --kv-cache-memory worked out from the model's shape, so the same number of tokens),
@@ -28,7 +28,7 @@ from model.loading import smollm2_path  # noqa: E402
 from model.loading.gguf_file import gguf_config, open_gguf  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
 
-KV_DTYPES = {"float32": 4, "bfloat16": 2}
+KV_DTYPES = {"float16": 2, "float32": 4, "bfloat16": 2}  # bytes a value; float16 is the CPU default
 
 
 def kv_cache_mib(tokens: int, dtype: str) -> int:

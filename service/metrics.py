@@ -108,7 +108,8 @@ class Metrics:
         info = engine.info()
         self.info.info({"model": model_name, "source": info.model, "dtype": info.dtype,
                         "quantization": info.quantization or "none", "device": info.device,
-                        "block_size": str(info.block_size), "version": version})
+                        "block_size": str(info.block_size), "kv_cache_dtype": info.kv_cache_dtype,
+                        "version": version})
 
     def observe_step(self, stats: StepStats) -> None:
         self.iteration_tokens.observe(stats.num_tokens)

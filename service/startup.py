@@ -56,4 +56,5 @@ def ready_line(info: EngineInfo, url: str, served_name: str, max_num_seqs: int) 
     return (f"kvserve ready on {url}: model {served_name!r} ({info.name}, {info.architecture}, "
             f"{human_count(info.num_parameters)} parameters, {info.dtype}{quantization}, {info.device}), "
             f"context {info.max_model_len} tokens, KV cache {info.kv_cache_tokens} tokens "
-            f"({info.kv_cache_blocks} blocks of {info.block_size}), up to {max_num_seqs} sequences at once")
+            f"({info.kv_cache_blocks} blocks of {info.block_size}, {info.kv_cache_dtype}), up to {max_num_seqs} "
+            "sequences at once")

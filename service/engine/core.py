@@ -59,7 +59,7 @@ class EngineCore:
             max_model_len=self.max_model_len, vocab_size=loaded.config.vocab_size,
             dtype=str(loaded.dtype).removeprefix("torch."), quantization=loaded.quantization,
             device=loaded.device.type, block_size=cache.block_size, kv_cache_blocks=cache.num_blocks,
-            num_parameters=loaded.num_parameters)
+            kv_cache_dtype=str(cache.dtype).removeprefix("torch."), num_parameters=loaded.num_parameters)
 
     # --- requests in and out ----------------------------------------------------------------
     def add(self, group: SequenceGroup) -> None:

@@ -62,10 +62,11 @@ def test_image_entrypoint_serves_then_drains_on_sigterm(tmp_path):
         response = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"].strip()
-        # The image's defaults on a CPU: int4 projections, float32 activations (the fast path users get).
+        # The image's defaults on a CPU: int4 projections, float32 activations, float16 K/V (the fast path).
         info = next(line for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines()
                     if line.startswith("kvserve_model_info{"))
         assert 'quantization="int4"' in info and 'dtype="float32"' in info, info
+        assert 'kv_cache_dtype="float16"' in info, info
 
         first_token, streamed = threading.Event(), {}
         reader = threading.Thread(target=stream_completion, args=(server.url, first_token, streamed))

@@ -89,7 +89,7 @@ def test_the_ready_line_names_the_url_model_and_capacity(json_server):
     assert len(ready) == 1, entries
     assert f"kvserve ready on {json_server.url}:" in ready[0]
     assert "model 'smollm2'" in ready[0] and "llama" in ready[0] and "135M parameters" in ready[0]
-    assert "KV cache" in ready[0] and "up to 64 sequences" in ready[0]
+    assert "KV cache" in ready[0] and "blocks of 16, float16)" in ready[0] and "up to 64 sequences" in ready[0]
     messages = [e["message"] for e in entries]
     assert messages.index(ready[0]) > max(i for i, m in enumerate(messages) if m.startswith("read "))
 

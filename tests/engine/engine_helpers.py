@@ -10,6 +10,7 @@ from model.network.attention import kv_cache_bytes_per_block
 from model.loading import LoadedModel
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
+from service.engine.runner import kv_cache_dtype_of
 from service.engine import RequestOutput, SamplingParams
 
 BLOCK_SIZE = 16
@@ -18,7 +19,8 @@ FIRST_PLAIN_ID = 17  # SmolLM2 ids 0..16 are special tokens (0 <|endoftext|>, 2 
 
 def make_engine(loaded: LoadedModel, num_blocks: int = 512, **options) -> Engine:
     """An engine whose KV cache holds exactly num_blocks blocks of BLOCK_SIZE tokens."""
-    per_block = kv_cache_bytes_per_block(loaded.config, BLOCK_SIZE, loaded.dtype)
+    dtype = kv_cache_dtype_of(loaded, options.get("kv_cache_dtype", "auto"))
+    per_block = kv_cache_bytes_per_block(loaded.config, BLOCK_SIZE, dtype)
     engine = Engine(loaded, EngineConfig(block_size=BLOCK_SIZE, kv_cache_memory=num_blocks * per_block, **options))
     assert engine.core.blocks.num_blocks == num_blocks
     return engine

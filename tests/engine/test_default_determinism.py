@@ -1,7 +1,7 @@
 """The default CPU configuration (what `kvserve serve` loads: int4 codes on the native kernels, float32
 activations) is deterministic: a request's tokens and logprobs are bitwise the same alone, repeated with its
 prefix cached, with its prompt chunked differently, and batched with 64 other requests; seeded sampling too.
-With SmolLM2 and with a tiny random model; with a bfloat16 KV cache too."""
+With SmolLM2 and with a tiny random model, on the default float16 KV cache; float32 and bfloat16 ones too."""
 from __future__ import annotations
 
 import pytest
@@ -104,17 +104,21 @@ def test_tiny_int4_model_is_deterministic(tiny_int4, params):
     check_every_arrangement(tiny_int4, prompts, params)
 
 
-def test_a_bfloat16_kv_cache_holds_twice_the_tokens_and_stays_deterministic(tiny_int4):
+def test_the_kv_cache_dtypes_hold_their_share_of_tokens_and_stay_deterministic(tiny_int4):
+    """The default (auto: float16 on a CPU) is covered by every test above; float32 and bfloat16 here."""
     memory = 64 * kv_cache_bytes_per_block(tiny_int4.config, BLOCK_SIZE, torch.float32)
-    engines = [Engine(tiny_int4, EngineConfig(block_size=BLOCK_SIZE, kv_cache_memory=memory, kv_cache_dtype=dtype))
-               for dtype in ("auto", "bfloat16")]
-    assert [e.core.blocks.num_blocks for e in engines] == [64, 128]
-    assert engines[1].core.runner.kv_caches[0][0].dtype == torch.bfloat16
+    dtypes = {"auto": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    engines = {name: Engine(tiny_int4, EngineConfig(block_size=BLOCK_SIZE, kv_cache_memory=memory,
+                                                    kv_cache_dtype=name)) for name in dtypes}
+    assert {name: e.core.blocks.num_blocks for name, e in engines.items()} == \
+        {"auto": 128, "float32": 64, "bfloat16": 128}
+    assert {name: e.core.runner.kv_caches[0][0].dtype for name, e in engines.items()} == dtypes
     prompts = {f"p{i}": random_prompt(i, n) for i, n in enumerate([9, 70, 200])}
     params = greedy(12, logprobs=0)
-    alone = _collected({k: v for name, ids in prompts.items()
-                        for k, v in generate(engines[1], {name: ids}, params).results.items()})
-    assert_identical(alone, generate(engines[1], prompts, params), prompts)
+    for name in ("float32", "bfloat16"):
+        alone = _collected({k: v for prompt, ids in prompts.items()
+                            for k, v in generate(engines[name], {prompt: ids}, params).results.items()})
+        assert_identical(alone, generate(engines[name], prompts, params), prompts)
 
 
 @pytest.mark.slow

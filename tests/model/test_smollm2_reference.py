@@ -56,10 +56,12 @@ def pick(logits: torch.Tensor) -> tuple[list[int], list[list[int]]]:
 
 
 @torch.inference_mode()
-def generate_packed(loaded, prompts: list[list[int]], num_new: int) -> list[Continuation]:
-    """Prefill every prompt in one packed forward, then decode all of them together."""
+def generate_packed(loaded, prompts: list[list[int]], num_new: int,
+                    kv_dtype: torch.dtype | None = None) -> list[Continuation]:
+    """Prefill every prompt in one packed forward, then decode all of them together (K/V cached in kv_dtype,
+    by default the model's)."""
     tables, num_blocks = shuffled_block_tables([len(p) + num_new for p in prompts])
-    cache = allocate_kv_cache(loaded.config, num_blocks, BLOCK_SIZE, loaded.dtype, loaded.device)
+    cache = allocate_kv_cache(loaded.config, num_blocks, BLOCK_SIZE, kv_dtype or loaded.dtype, loaded.device)
     lens = [len(p) for p in prompts]
     meta = AttentionMetadata.build(lens, lens, tables, BLOCK_SIZE)
     tokens, top5 = pick(loaded.model(torch.tensor(sum(prompts, [])), meta, cache))
