@@ -26,9 +26,10 @@ class EngineConfig:
     block_size: int = setting(16, "tokens per KV cache block (the paging and prefix-caching unit)", ge=1, le=256)
     kv_cache_memory: int | None = setting(CPU_KV_CACHE_MEMORY, "KV cache size, e.g. 2GiB (default: 1GiB on CPU, "
                                           "a fraction of free memory on GPU)")
-    kv_cache_dtype: str = setting("auto", "dtype of the cached keys and values: auto (float16 on a CPU, the "
-                                  "model's on a GPU), float16, bfloat16 or float32 (on a CPU float32 holds half "
-                                  "the tokens; float16 and bfloat16 round K/V, float16 the least)",
+    kv_cache_dtype: str = setting("auto", "dtype of the cached keys and values: auto (float16 for quantized "
+                                  "weights on a CPU, else the model's), float16, bfloat16 or float32 (on a CPU "
+                                  "float32 holds half the tokens; float16 and bfloat16 round K/V, float16 the "
+                                  "least)",
                                   pattern="^(auto|float16|bfloat16|float32)$")
     gpu_memory_utilization: float = setting(0.9, "on a GPU without --kv-cache-memory: the fraction of its memory "
                                             "the model and KV cache may use", gt=0, le=1)

@@ -37,13 +37,14 @@ class CacheSize:
 
 
 def kv_cache_dtype_of(loaded: LoadedModel, kv_cache_dtype: str = "auto") -> torch.dtype:
-    """The setting as a dtype. auto: float16 on a CPU, half float32's bytes, so twice the tokens in the same
-    memory and half the reads of a decode step's attention, for a rounding of K/V to 11 significant bits
-    (bench/results/kv_cache_dtype.md: a teacher-forced greedy token differs from a float32 cache's ~1 in
-    1,400, bfloat16's ~1 in 350); on a GPU the model's own dtype, in which its kernels read K/V."""
+    """The setting as a dtype. auto: float16 for quantized weights on a CPU (the default fast path): half
+    float32's bytes, so twice the tokens in the same memory and half the reads of a decode step's attention,
+    for a rounding of K/V to 11 significant bits (bench/results/kv_cache_dtype.md: a teacher-forced greedy
+    token differs from a float32 cache's ~1 in 1,400, bfloat16's ~1 in 350). Otherwise the model's own dtype:
+    unquantized on a CPU is the reference model, and a GPU's kernels read K/V in the model's dtype."""
     if kv_cache_dtype != "auto":
         return getattr(torch, kv_cache_dtype)
-    return torch.float16 if loaded.device.type == "cpu" else loaded.dtype
+    return torch.float16 if loaded.device.type == "cpu" and loaded.quantization else loaded.dtype
 
 
 def plan_cache(loaded: LoadedModel, block_size: int, kv_cache_memory: int | None,
