@@ -1,8 +1,8 @@
 """Where a CPU decode step's time goes: SmolLM2, one batch-1 step and one 16-row step, by op.
 
 Each configuration runs in a fresh process (the native kernels load, or not, once per process): the CPU
-default (the native kernels, float32 activations) and the previous default (torch's int4 kernels,
-bfloat16; KVSERVE_NATIVE_KERNELS=0). Each decodes after a 128-token prompt a sequence, under torch's
+default (the native kernels, float32 activations, float16 KV cache) and the previous default (torch's int4
+kernels, bfloat16; KVSERVE_NATIVE_KERNELS=0). Each decodes after a 128-token prompt a sequence, under torch's
 profiler: 20 steps after 5 of warm-up; the table lists the ops that take the most self time per step,
 and the median step's wall time beside the profiled total.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-CONFIGS = {"native kernels + float32 (default)": ("float32", "1"),
+CONFIGS = {"native kernels + float32, float16 KV (default)": ("float32", "1"),
            "torch int4 kernels + bfloat16 (previous default)": ("bfloat16", "0")}
 STEPS, WARMUP, TOP = 20, 5, 8
 
@@ -34,10 +34,13 @@ def profile(dtype: str, batch: int) -> dict:
 
     from model.loading import load_model
     from model.network.attention import AttentionMetadata, allocate_kv_cache
+    from service.engine.runner import kv_cache_dtype_of
 
     torch.set_grad_enabled(False)
     loaded = load_model("smollm2", dtype, "cpu", "int4")
-    cache = allocate_kv_cache(loaded.config, 16 * batch, 16, loaded.dtype, "cpu")
+    # The KV dtype each configuration's server used: float16 now (auto), the model's own in the previous one.
+    kv_dtype = kv_cache_dtype_of(loaded) if os.environ["KVSERVE_NATIVE_KERNELS"] == "1" else loaded.dtype
+    cache = allocate_kv_cache(loaded.config, 16 * batch, 16, kv_dtype, "cpu")
     tables = [list(range(16 * b, 16 * b + 16)) for b in range(batch)]
     loaded.model(torch.arange(128 * batch) % 5000 + 100, AttentionMetadata.build([128] * batch, [128] * batch, tables),
                  cache)
