@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+import weakref
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,11 @@ class EngineCore:
                                    SpeculativeConfig(config.speculative_ngram, max_batch=config.speculative_max_batch,
                                                      max_len=self.max_model_len))
         defer = loaded.device.type == "cuda" if config.defer_outputs is None else config.defer_outputs
-        self.outputs = OutputProcessor(self.max_model_len, defer, self.finish)
+        # The processor calls back into this core through a weak reference: a bound method would make the two a
+        # reference cycle, and the engine with its KV cache (a GiB on a CPU) would outlive its last user until
+        # the next garbage collection.
+        finish = weakref.WeakMethod(self.finish)
+        self.outputs = OutputProcessor(self.max_model_len, defer, lambda *args: finish()(*args))
         self.groups: dict[str, SequenceGroup] = {}  # live requests by id
         self.awaiting: list[SequenceGroup] = []  # live requests whose grammar is being compiled
         self.events = events

@@ -6,6 +6,9 @@ says little; the tests also compare the sampled tokens' logprobs, which depend o
 """
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -218,3 +221,18 @@ def test_a_long_prefill_step_returns_its_freed_memory_and_decode_steps_do_not(ti
     assert engine.core.heap.trims == 1
     generate(engine, {f"short{i}": random_prompt(i + 1, MIN_TOKENS // 4) for i in range(2)}, greedy(max_tokens=4))
     assert engine.core.heap.trims == 1  # a step of MIN_TOKENS / 2 tokens, then decode
+
+
+def test_an_engine_and_its_kv_cache_are_freed_when_its_last_user_lets_go(tiny_loaded):
+    """No reference cycle keeps an engine alive: its KV cache (a GiB by default on a CPU) is released at once,
+    not at some later garbage collection (a benchmark building engine after engine ran out of memory)."""
+    gc.collect()
+    gc.disable()
+    try:
+        engine = make_engine(tiny_loaded, 64)
+        generate(engine, {"a": random_prompt(1, 40), "b": random_prompt(2, 7)}, greedy(6))
+        cache, core = weakref.ref(engine.core.runner.kv_caches[0][0]), weakref.ref(engine.core)
+        del engine
+        assert cache() is None and core() is None
+    finally:
+        gc.enable()
