@@ -27,7 +27,7 @@ class EngineInfo:
     device: str
     block_size: int
     kv_cache_blocks: int
-    kv_cache_dtype: str = "float32"
+    kv_cache_dtype: str  # of the cached keys and values, e.g. float16
     num_parameters: int = 0  # before quantization (0: not counted, e.g. a hand-built test model)
 
     @property

@@ -42,7 +42,7 @@ template <typename T>
 inline T narrow_to(float x) {
   if constexpr (std::is_same_v<T, c10::Half>) {
     constexpr float kMax = 65504.f;
-    return static_cast<T>(std::isnan(x) ? x : std::clamp(x, -kMax, kMax));
+    return static_cast<T>(std::clamp(x, -kMax, kMax));  // NaN passes through: it compares false
   } else {
     return static_cast<T>(x);
   }
